@@ -1,0 +1,70 @@
+"""Regenerate the shipped data sets: ``python -m brewslm_helpers.data.make_datasets``.
+
+The course ships small generated data sets instead of downloading any (no hub here).
+``reviews_*.jsonl`` are short coffee-shop reviews with a sentiment label. They are built
+from phrase templates with a fixed seed, so the files are reproducible byte for byte;
+the train and gold splits use disjoint (opener, subject, phrase) combinations, and the
+gold split is balanced 50/50.
+
+Record schema (one JSON object per line)::
+
+    {"id": "gold-0007", "text": "The flat white was rich and smooth. ...", "label": "positive"}
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+SUBJECTS = ["espresso", "flat white", "cappuccino", "latte", "cold brew", "pour-over",
+            "mocha", "americano", "cortado", "filter coffee", "macchiato", "chai latte"]
+PLACES = ["this café", "the new roastery", "the corner coffee bar", "the station kiosk",
+          "our office café", "the little place downtown"]
+POSITIVE = ["was rich and smooth", "was the best I have had in years", "tasted wonderful",
+            "was perfectly balanced", "had a lovely sweet finish", "was absolutely delicious",
+            "was fresh and fragrant", "was excellent", "made my morning great",
+            "was a delight from the first sip"]
+NEGATIVE = ["was bitter and burnt", "tasted stale", "was awful", "was watery and bland",
+            "was cold and sour", "was the worst I have had in years", "was disappointing",
+            "tasted like dishwater", "was overpriced and terrible", "made me feel sick"]
+POS_EXTRA = ["The staff were friendly.", "I will definitely come back.", "Highly recommended.",
+             "Great value too.", "Five stars.", "The service was quick and kind."]
+NEG_EXTRA = ["The staff were rude.", "I will not come back.", "Avoid this place.",
+             "A waste of money.", "One star.", "We waited forty minutes."]
+
+
+def _review(rng: random.Random, label: str) -> str:
+    subject, place = rng.choice(SUBJECTS), rng.choice(PLACES)
+    phrase = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
+    extra = rng.choice(POS_EXTRA if label == "positive" else NEG_EXTRA)
+    return f"The {subject} at {place} {phrase}. {extra}"
+
+
+def make_reviews(n: int, seed: int, prefix: str, exclude: set[str] = frozenset()) -> list[dict]:
+    """``n`` balanced, unique reviews whose text is not in ``exclude``."""
+    rng, rows, seen = random.Random(seed), [], set(exclude)
+    while len(rows) < n:
+        label = "positive" if len(rows) % 2 == 0 else "negative"
+        text = _review(rng, label)
+        if text in seen:
+            continue
+        seen.add(text)
+        rows.append({"id": f"{prefix}-{len(rows):04d}", "text": text, "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+def main() -> None:
+    gold = make_reviews(120, seed=7, prefix="gold")
+    train = make_reviews(600, seed=11, prefix="train", exclude={r["text"] for r in gold})
+    for name, rows in [("reviews_gold", gold), ("reviews_train", train)]:
+        with open(HERE / f"{name}.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        print(f"wrote {name}.jsonl ({len(rows)} rows)")
+
+
+if __name__ == "__main__":
+    main()

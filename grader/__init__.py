@@ -1,0 +1,1 @@
+"""The BrewSLM Academy grading pipeline and the ``brewslm`` command (see ``cli.py``)."""

@@ -1,0 +1,194 @@
+"""The ``brewslm`` command: release, run, grade, validate, demo, bench, lab.
+
+Errors a user can cause (unknown lesson, missing folder, corrupt notebook) print one line and
+exit with status 2, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from brewslm_helpers.budget import BUDGETS
+from brewslm_helpers.paths import REPO_ROOT, cache_dir
+
+from .lessons import CourseError, find_lesson, lesson_of_filename, select_lessons
+
+
+def cmd_release(args) -> int:
+    from .release import release
+
+    changed = release(select_lessons(args.lessons), check=args.check)
+    if args.check:
+        if changed:
+            print("out of date (run `brewslm release`): " + ", ".join(changed))
+            return 1
+        print("release notebooks are up to date")
+    else:
+        print("regenerated: " + (", ".join(changed) if changed else "nothing (already up to date)"))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .run import run_lessons
+
+    lessons = select_lessons(args.lessons)
+    print(f"executing {len(lessons)} notebook(s) from {args.source}/ at budget {args.budget!r}")
+    rows = run_lessons(lessons, args.budget, Path(args.out) if args.out else None, args.source)
+    print_run_table(rows)
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+def print_run_table(rows: list[dict]) -> None:
+    print(f"\n{'lesson':<28} {'status':<8} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['lesson']:<28} {r['status']:<8} {r['seconds']:>8.1f}")
+    print(f"{'total':<28} {'':<8} {sum(r['seconds'] for r in rows):>8.1f}")
+    if rows:
+        print(f"executed notebooks: {Path(rows[0]['output']).parent}")
+
+
+def cmd_grade(args) -> int:
+    from .grade import grade_folder, summary_table
+
+    out = Path(args.out) if args.out else cache_dir() / "grading" / Path(args.submissions).stem
+    results = grade_folder(Path(args.submissions), out, budget=args.budget,
+                           feedback=not args.no_feedback, notebook_timeout=args.timeout)
+    print("\n" + summary_table(results))
+    print(f"\ngradebook: {out / 'gradebook.csv'}\nfeedback:  {out / 'feedback'}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .course import Course
+    from .grade import Submission, check_submission
+    from .notebooks import read_notebook
+
+    path = Path(args.notebook)
+    lesson = find_lesson(args.lesson) if args.lesson else lesson_of_filename(path.name)
+    if lesson is None:
+        raise CourseError(f"{path.name}: cannot tell the lesson from the file name; pass --lesson")
+    nb = check_submission(Submission("you", lesson, path))
+    with tempfile.TemporaryDirectory(prefix="brewslm-validate-") as tmp:
+        course = Course(Path(tmp) / "course", budget=args.budget)
+        course.setup([lesson])
+        course.submit("you", lesson, nb)
+        print(f"running {path.name} as the grader does (budget {args.budget!r})...", flush=True)
+        reason = course.autograde("you", lesson)
+        if reason:
+            raise CourseError(reason)
+        scores = course.scores("you", lesson)
+        graded = read_notebook(course.root / "autograded" / "you" / lesson.slug / f"{lesson.slug}.ipynb")
+    errors = {}
+    for cell in graded.cells:
+        gid = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                errors[gid] = f"{out['ename']}: {out['evalue']}"[:200]
+    for gid, (score, max_score) in sorted(scores["cells"].items()):
+        mark = "PASS" if score == max_score else "FAIL"
+        print(f"  {mark}  {gid:<32} {score:g}/{max_score:g}  {errors.get(gid, '')}")
+    print(f"score: {scores['score']:g}/{scores['max_score']:g}")
+    return 0 if scores["score"] == scores["max_score"] else 1
+
+
+def cmd_demo(args) -> int:
+    """The main job: execute every solution at ``ci`` budget, then grade the sample class."""
+    from .grade import grade_folder, summary_table
+    from .run import run_lessons
+    from .sample import SAMPLE_STUDENTS, write_sample_class
+
+    lessons = select_lessons(args.lessons)
+    start = time.perf_counter()
+    print(f"== 1/2 executing {len(lessons)} solution notebook(s) headless at budget 'ci'")
+    rows = run_lessons(lessons, "ci")
+    print_run_table(rows)
+    print("\n== 2/2 grading the sample class:")
+    for name, what in SAMPLE_STUDENTS.items():
+        print(f"  {name:<6} {what}")
+    work = cache_dir() / "demo"
+    sample = write_sample_class(lessons, work / "sample_class")
+    results = grade_folder(sample, work / "grades", budget="ci")
+    print("\n" + summary_table(results))
+    print(f"\ngradebook: {work / 'grades' / 'gradebook.csv'}  (total {time.perf_counter() - start:.0f} s)")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+def cmd_bench(args) -> int:
+    """Run lessons at ``full`` budget and print every "what we measured" table."""
+    from brewslm_helpers.report import load_results
+
+    from .run import run_lessons
+
+    rows = run_lessons(select_lessons(args.lessons), "full")
+    print_run_table(rows)
+    for lesson, table in load_results("full").items():
+        print(f"\n## {lesson}\n{table.to_string(index=False)}")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+def cmd_lab(args) -> int:
+    return subprocess.call([str(Path(sys.executable).parent / "jupyter"), "lab",
+                            str(REPO_ROOT / "notebooks"), *args.extra])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="brewslm", description="BrewSLM Academy, Advanced track")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("release", help="regenerate notebooks/ from solutions/ (nbgrader)")
+    s.add_argument("lessons", nargs="*", help="lessons (default: all)")
+    s.add_argument("--check", action="store_true", help="only report out-of-date notebooks")
+    s.set_defaults(func=cmd_release)
+
+    s = sub.add_parser("run", help="execute notebooks headless with papermill")
+    s.add_argument("lessons", nargs="*", help="lessons, e.g. 3 or 03_kd_loss (default: all)")
+    s.add_argument("--budget", choices=BUDGETS, default="ci")
+    s.add_argument("--source", choices=["solutions", "notebooks"], default="solutions")
+    s.add_argument("--out", help="folder for executed copies (default: $BREWSLM_CACHE/runs/BUDGET)")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("grade", help="autograde a folder or LMS zip of submissions")
+    s.add_argument("submissions", help="folder of <student>/<NN_slug>.ipynb, or an LMS zip")
+    s.add_argument("--out", help="output folder (default: $BREWSLM_CACHE/grading/NAME)")
+    s.add_argument("--budget", choices=BUDGETS, default="ci")
+    s.add_argument("--timeout", type=int, default=900, help="seconds per submission")
+    s.add_argument("--no-feedback", action="store_true", help="skip the feedback HTML")
+    s.set_defaults(func=cmd_grade)
+
+    s = sub.add_parser("validate", help="check your own notebook the way the grader will")
+    s.add_argument("notebook")
+    s.add_argument("--lesson", help="lesson, if the file name does not say")
+    s.add_argument("--budget", choices=BUDGETS, default="ci")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("demo", help="the main job: run every lesson at ci budget, grade a sample class")
+    s.add_argument("lessons", nargs="*")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("bench", help="run lessons at full budget and collect what they measured")
+    s.add_argument("lessons", nargs="*")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("lab", help="open the student notebooks in JupyterLab")
+    s.add_argument("extra", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_lab)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CourseError as e:
+        print(f"brewslm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
