@@ -99,3 +99,15 @@ def mistake_submission(lesson: Lesson, mistake: dict) -> nbformat.NotebookNode:
                           f"times in {mistake['exercise']} (must be exactly once)")
     wrong = as_student_code(source.replace(mistake["old"], mistake["new"]))
     return make_submission(lesson, replace={mistake["exercise"]: wrong})
+
+
+def exercises_only(nb) -> nbformat.NotebookNode:
+    """Keep only the parameters cell and the nbgrader cells (setup, exercises, tests).
+
+    The grading tests use it for known-mistake variants: a test cell must depend on nothing but
+    the setup cell and its own exercise (docs/AUTHORING.md), so the demo cells can go, and the
+    variant grades in seconds instead of re-running every measurement.
+    """
+    nb.cells = [c for c in nb.cells
+                if nbgrader_meta(c) or "parameters" in c.get("metadata", {}).get("tags", [])]
+    return nb

@@ -13,8 +13,8 @@ from .notebooks import read_notebook
 
 
 def notebook_env(budget: str) -> dict[str, str]:
-    """Environment for executing notebooks: the budget, a headless matplotlib, quiet progress."""
-    env = {"BREWSLM_BUDGET": budget, "MPLBACKEND": "Agg", "TOKENIZERS_PARALLELISM": "false",
+    """Environment for executing notebooks: the budget, offline hub, no warnings noise."""
+    env = {"BREWSLM_BUDGET": budget, "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     return env
 

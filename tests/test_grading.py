@@ -1,6 +1,11 @@
 """The grading round trip through the real pipeline (nbgrader, in subprocesses), for every lesson:
 the solution gets full marks, the blank release zero, and each known mistake loses exactly the
-points of the test cells it names."""
+points of the test cells it names.
+
+The solution and the blank release are graded as whole notebooks. Known mistakes are graded with
+the demo cells removed (``exercises_only``): test cells depend only on the setup cell and their own
+exercise, which the ``solution-exercises-only`` case proves by getting full marks that way too.
+"""
 from __future__ import annotations
 
 import ast
@@ -9,11 +14,13 @@ import pytest
 
 from grader.course import Course
 from grader.lessons import all_lessons
-from grader.notebooks import (as_student_code, make_submission, mistake_submission, read_notebook,
-                              solution_sources, test_cells)
+from grader.notebooks import (as_student_code, exercises_only, make_submission, mistake_submission,
+                              read_notebook, solution_sources, test_cells)
 
 LESSONS = all_lessons()
 CASES = ([pytest.param(l, "solution", None, id=f"{l.slug}-solution") for l in LESSONS]
+         + [pytest.param(l, "solution-exercises-only", None, id=f"{l.slug}-solution-exercises-only")
+            for l in LESSONS]
          + [pytest.param(l, "blank", None, id=f"{l.slug}-blank") for l in LESSONS]
          + [pytest.param(l, "mistake", m, id=f"{l.slug}-{m['name']}")
             for l in LESSONS for m in l.mistakes])
@@ -37,8 +44,9 @@ def graded(course, student, lesson, nb) -> dict:
 @pytest.mark.parametrize("lesson,kind,mistake", CASES)
 def test_round_trip(course, lesson, kind, mistake):
     expected_cells = test_cells(read_notebook(lesson.solution))
-    if kind == "solution":
-        scores = graded(course, "solution", lesson, make_submission(lesson))
+    if kind.startswith("solution"):
+        nb = make_submission(lesson)
+        scores = graded(course, kind, lesson, exercises_only(nb) if kind.endswith("only") else nb)
         assert scores["cells"] == {g: (p, p) for g, p in expected_cells.items()}
         assert scores["score"] == scores["max_score"] == sum(expected_cells.values()) > 0
     elif kind == "blank":
@@ -46,7 +54,8 @@ def test_round_trip(course, lesson, kind, mistake):
         assert scores["score"] == 0
         assert scores["max_score"] == sum(expected_cells.values())
     else:
-        scores = graded(course, mistake["name"], lesson, mistake_submission(lesson, mistake))
+        nb = exercises_only(mistake_submission(lesson, mistake))
+        scores = graded(course, mistake["name"], lesson, nb)
         for grade_id, points in expected_cells.items():
             want = 0.0 if grade_id in mistake["loses"] else points
             assert scores["cells"][grade_id] == (want, points), (mistake["name"], grade_id)
