@@ -88,14 +88,17 @@ def collect(folder: Path) -> tuple[list[Submission], list[Result]]:
 
 
 def check_submission(sub: Submission):
-    """Read a submission and make sure it is the lesson it claims to be; returns the notebook."""
+    """Read a submission and make sure it is the lesson it claims to be; returns the notebook.
+
+    A lesson is recognised by its own exercise and test cell ids (``setup`` and any other id
+    every lesson shares says nothing about which lesson a notebook is)."""
     nb = read_notebook(sub.path)
-    expected = grade_ids(read_notebook(sub.lesson.solution))
-    found = grade_ids(nb)
-    if not found & expected:
-        for other in all_lessons():
-            if other != sub.lesson and found & grade_ids(read_notebook(other.solution)) \
-                    and found <= grade_ids(read_notebook(other.solution)):
+    ids = {l: grade_ids(read_notebook(l.solution)) for l in all_lessons()}
+    shared = set.intersection(*ids.values()) if len(ids) > 1 else set()
+    found = grade_ids(nb) - shared
+    if not found & (ids[sub.lesson] - shared):
+        for other, other_ids in ids.items():
+            if other != sub.lesson and found & (other_ids - shared):
                 raise CourseError(f"{sub.path.name}: this is the notebook of lesson {other.slug}, "
                                   f"not {sub.lesson.slug}")
         raise CourseError(f"{sub.path.name}: none of lesson {sub.lesson.slug}'s exercise cells are "

@@ -23,9 +23,11 @@ def read_notebook(path: Path, max_bytes: int = 50_000_000) -> nbformat.NotebookN
     if size > max_bytes:
         raise CourseError(f"{path.name}: {size / 1e6:.0f} MB is over the {max_bytes / 1e6:.0f} MB limit")
     try:
-        nb = nbformat.read(path, as_version=4)
+        json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CourseError(f"{path.name}: not a valid notebook (corrupt JSON: {e})") from None
+    try:
+        nb = nbformat.read(path, as_version=4)
     except Exception as e:  # nbformat raises assorted errors on malformed structure
         raise CourseError(f"{path.name}: not a valid notebook ({type(e).__name__}: {e})") from None
     if not isinstance(nb.get("cells"), list):

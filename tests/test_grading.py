@@ -15,7 +15,8 @@ import pytest
 from grader.course import Course
 from grader.lessons import all_lessons
 from grader.notebooks import (as_student_code, exercises_only, make_submission, mistake_submission,
-                              read_notebook, solution_sources, test_cells)
+                              read_notebook, solution_sources)
+from grader.notebooks import test_cells as points_by_test_cell
 
 LESSONS = all_lessons()
 CASES = ([pytest.param(l, "solution", None, id=f"{l.slug}-solution") for l in LESSONS]
@@ -43,7 +44,7 @@ def graded(course, student, lesson, nb) -> dict:
 
 @pytest.mark.parametrize("lesson,kind,mistake", CASES)
 def test_round_trip(course, lesson, kind, mistake):
-    expected_cells = test_cells(read_notebook(lesson.solution))
+    expected_cells = points_by_test_cell(read_notebook(lesson.solution))
     if kind.startswith("solution"):
         nb = make_submission(lesson)
         scores = graded(course, kind, lesson, exercises_only(nb) if kind.endswith("only") else nb)
@@ -67,7 +68,7 @@ def test_every_exercise_has_a_known_mistake(lesson):
     assert exercises, f"{lesson.slug} has no exercise"
     covered = {m["exercise"] for m in lesson.mistakes}
     assert covered == exercises, f"exercises without a known mistake: {exercises - covered}"
-    tests = set(test_cells(read_notebook(lesson.solution)))
+    tests = set(points_by_test_cell(read_notebook(lesson.solution)))
     for m in lesson.mistakes:
         assert m["loses"] and set(m["loses"]) <= tests, m["name"]
 
