@@ -55,9 +55,14 @@ def cmd_grade(args) -> int:
     from .grade import grade_folder, summary_table
 
     out = Path(args.out) if args.out else cache_dir() / "grading" / Path(args.submissions).stem
+    start = time.perf_counter()
     results = grade_folder(Path(args.submissions), out, budget=args.budget,
-                           feedback=not args.no_feedback, notebook_timeout=args.timeout)
+                           feedback=not args.no_feedback, notebook_timeout=args.timeout,
+                           jobs=args.jobs, cell_timeout=args.cell_timeout,
+                           memory_gib=args.memory, regrade=args.regrade)
     print("\n" + summary_table(results))
+    print(f"\ngraded {len(results)} submission(s) in {time.perf_counter() - start:.0f} s "
+          f"with --jobs {args.jobs}")
     print(f"\ngradebook: {out / 'gradebook.csv'}\nfeedback:  {out / 'feedback'}")
     return 0
 
@@ -88,6 +93,10 @@ def cmd_validate(args) -> int:
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
                 errors[gid] = f"{out['ename']}: {out['evalue']}"[:200]
+    outcome = course.last_outcome.get(("you", lesson.slug))
+    for gid, why in (outcome.failures.items() if outcome else []):
+        if not why.startswith("fails (see") and gid not in errors:
+            errors[gid] = why
     for gid, (score, max_score) in sorted(scores["cells"].items()):
         mark = "PASS" if score == max_score else "FAIL"
         print(f"  {mark}  {gid:<32} {score:g}/{max_score:g}  {errors.get(gid, '')}")
@@ -155,7 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("submissions", help="folder of <student>/<NN_slug>.ipynb, or an LMS zip")
     s.add_argument("--out", help="output folder (default: $BREWSLM_CACHE/grading/NAME)")
     s.add_argument("--budget", choices=BUDGETS, default="ci")
-    s.add_argument("--timeout", type=int, default=900, help="seconds per submission")
+    s.add_argument("--timeout", type=int, default=900, help="seconds per submission (each phase)")
+    s.add_argument("--cell-timeout", type=int, default=300, help="seconds per cell")
+    s.add_argument("--memory", type=float, default=8, help="GiB of memory per grading process")
+    s.add_argument("--jobs", "-j", type=int, default=1,
+                   help="submissions graded in parallel (each uses about one core and 2-3 GiB)")
+    s.add_argument("--regrade", action="store_true",
+                   help="grade every submission again, even those unchanged since the last run")
     s.add_argument("--no-feedback", action="store_true", help="skip the feedback HTML")
     s.set_defaults(func=cmd_grade)
 

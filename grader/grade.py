@@ -6,24 +6,38 @@ Accepted layouts (student ids are taken from folder or file names):
 * an LMS zip holding either that layout or flat files named ``<student>_<anything>_<NN_slug>.ipynb``
   (Canvas-style; the student id is the part before the first underscore).
 
-Each submission is checked (readable JSON notebook, not empty, not huge, the right lesson), then
-autograded by nbgrader in a subprocess with a time limit. A broken submission gets a zero and a
-one-line reason; the rest of the class is still graded.
+Every submission is treated as hostile. Each file is read once, into memory, before any student
+code runs, and checked (a regular file, readable JSON notebook, not empty, not huge, the right
+lesson). Each one is then graded in its own private working copy under limits (see
+``grader/course.py``: two phases, sandboxed subprocesses), ``jobs`` at a time, with a progress bar.
+Only this process writes the class gradebook, the CSV files and the feedback, after the children
+have finished. A broken submission gets a zero and a one-line reason; the rest of the class is
+still graded.
+
+Re-grading is idempotent: each result is kept in ``OUT/results/`` keyed by student, lesson, the
+submission's SHA-256 and a fingerprint of the lesson source, budget and grader, and only
+submissions that changed are graded again.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import re
 import shutil
+import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .course import Course
 from .lessons import CourseError, Lesson, all_lessons, lesson_of_filename
-from .notebooks import grade_ids, read_notebook
+from .notebooks import MAX_BYTES, grade_ids, notebook_from_bytes, read_notebook
+
+GRADER_VERSION = "2"  # part of every cached result's fingerprint: bump when grading changes
 
 
 @dataclass
@@ -53,21 +67,32 @@ def collect(folder: Path) -> tuple[list[Submission], list[Result]]:
     """Find submissions under ``folder`` (or in a zip). Returns the gradeable ones and the
     files that could not even be attributed (as not-graded results)."""
     folder = Path(folder)
+    too_big: list[str] = []
     if not folder.exists():
         raise CourseError(f"{folder}: no such folder or zip")
     if folder.is_file():
         if not zipfile.is_zipfile(folder):
             raise CourseError(f"{folder}: not a folder or a zip file")
         tmp = Path(tempfile.mkdtemp(prefix="brewslm-zip-"))
-        with zipfile.ZipFile(folder) as z:
-            for info in z.infolist():
-                target = (tmp / info.filename).resolve()
-                if not str(target).startswith(str(tmp.resolve())) or info.is_dir():
-                    continue  # skip folders and path-traversal entries
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(z.read(info))
+        try:
+            with zipfile.ZipFile(folder) as z:
+                for info in z.infolist():
+                    target = (tmp / info.filename).resolve()
+                    if not str(target).startswith(str(tmp.resolve()) + "/") or info.is_dir():
+                        continue  # skip folders and path-traversal entries
+                    if info.file_size > MAX_BYTES:  # a zip bomb never reaches the disk
+                        too_big.append(info.filename)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(z.read(info))
+        except (zipfile.BadZipFile, OSError, RuntimeError) as e:
+            raise CourseError(f"{folder}: unreadable zip ({e})") from None
         folder = tmp
     subs, problems = [], []
+    for name in too_big:
+        problems.append(Result(_safe_id(Path(name).parts[0].split("_", 1)[0]), Path(name).name,
+                               status="not graded",
+                               reason=f"{Path(name).name}: over the {MAX_BYTES / 1e6:.0f} MB limit"))
     for path in sorted(folder.rglob("*.ipynb")):
         rel = path.relative_to(folder)
         if ".ipynb_checkpoints" in rel.parts:
@@ -84,16 +109,28 @@ def collect(folder: Path) -> tuple[list[Submission], list[Result]]:
         subs.append(Submission(student, lesson, path))
     if not subs and not problems:
         raise CourseError(f"{folder}: no .ipynb submissions found")
-    return subs, problems
+    seen: dict[tuple[str, str], Path] = {}
+    unique = []
+    for sub in subs:  # two files for one student and lesson: grade the first, say so for the other
+        key = (sub.student, sub.lesson.slug)
+        if key in seen:
+            problems.append(Result(sub.student, sub.lesson.slug, status="not graded",
+                                   reason=f"{sub.path.name}: a second submission for this lesson "
+                                          f"(graded: {seen[key].relative_to(folder)})"))
+        else:
+            seen[key] = sub.path
+            unique.append(sub)
+    return unique, problems
 
 
-def check_submission(sub: Submission):
-    """Read a submission and make sure it is the lesson it claims to be; returns the notebook.
+def check_submission(sub: Submission, data: bytes | None = None):
+    """Read a submission (or its bytes, ``data``) and make sure it is the lesson it claims to be;
+    returns the notebook.
 
     A lesson is recognised by its own exercise and test cell ids (``setup`` and any other id
     every lesson shares says nothing about which lesson a notebook is)."""
-    nb = read_notebook(sub.path)
-    ids = {l: grade_ids(read_notebook(l.solution)) for l in all_lessons()}
+    nb = read_notebook(sub.path) if data is None else notebook_from_bytes(data, sub.path.name)
+    ids = {l: grade_ids(read_notebook(l.solution)) for l in _lessons_for_check()}
     shared = set.intersection(*ids.values()) if len(ids) > 1 else set()
     found = grade_ids(nb) - shared
     if not found & (ids[sub.lesson] - shared):
@@ -106,44 +143,190 @@ def check_submission(sub: Submission):
     return nb
 
 
+def _lessons_for_check() -> list[Lesson]:
+    return all_lessons()
+
+
+def read_submission(path: Path) -> bytes:
+    """The submitted file's bytes, read once (size and type checked before reading)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise CourseError(f"{path.name}: is a symbolic link, not a submitted file")
+    if not path.is_file():
+        raise CourseError(f"{path.name}: not a regular file")
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+        raise CourseError(f"{path.name}: {size / 1e6:.0f} MB is over the {MAX_BYTES / 1e6:.0f} MB limit")
+    if size == 0:
+        raise CourseError(f"{path.name}: empty file")
+    return path.read_bytes()
+
+
+def fingerprint(course: Course, lesson: Lesson) -> str:
+    """What a cached result depends on besides the submission: lesson source, budget, grader."""
+    h = hashlib.sha256()
+    h.update(lesson.solution.read_bytes())
+    h.update(f"{course.budget}|{GRADER_VERSION}|{course.cell_timeout}|{course.notebook_timeout}"
+             .encode())
+    return h.hexdigest()
+
+
+def _cache_path(out_dir: Path, student: str, slug: str) -> Path:
+    return out_dir / "results" / student / f"{slug}.json"
+
+
+def _load_cached(out_dir: Path, student: str, slug: str, sha: str, fp: str) -> "Result | None":
+    try:
+        data = json.loads(_cache_path(out_dir, student, slug).read_text())
+        if data.get("sha256") != sha or data.get("fingerprint") != fp:
+            return None
+        r = Result(**data["result"])
+        r.cells = {k: tuple(v) for k, v in r.cells.items()}
+        if r.feedback and not Path(r.feedback).exists():
+            return None
+        return r
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
 def grade_folder(submissions: Path, out_dir: Path, budget: str = "ci", feedback: bool = True,
-                 notebook_timeout: int = 900, progress=print) -> list[Result]:
+                 notebook_timeout: int = 900, progress=print, jobs: int = 1,
+                 cell_timeout: int = 300, memory_gib: float = 8, regrade: bool = False,
+                 progress_bar: bool = True) -> list[Result]:
     """Grade every submission under ``submissions``; write ``gradebook.csv``,
-    ``grades_by_cell.csv`` and ``feedback/`` into ``out_dir``. Returns one result per submission."""
+    ``grades_by_cell.csv`` and ``feedback/`` into ``out_dir``. Returns one result per submission.
+
+    ``jobs`` submissions are graded at once (each in its own processes); unchanged submissions
+    keep their cached result unless ``regrade``."""
+    submissions = Path(submissions).resolve()
     subs, results = collect(submissions)
     out_dir = Path(out_dir).resolve()
-    course = Course(out_dir / "course", budget=budget, notebook_timeout=notebook_timeout)
+    course = Course(out_dir / "course", budget=budget, notebook_timeout=notebook_timeout,
+                    cell_timeout=cell_timeout, memory_bytes=int(memory_gib * 2 ** 30),
+                    hide=[out_dir, submissions])
     course.setup(sorted({s.lesson for s in subs}, key=lambda l: l.slug))
-    for i, sub in enumerate(subs, 1):
-        result = Result(sub.student, sub.lesson.slug)
+
+    # read everything once, before any student code runs: later writes to these files change nothing
+    todo, cached = [], []
+    for sub in subs:
+        result = Result(sub.student, sub.lesson.slug, max_score=_max_points(sub.lesson))
+        try:
+            data = read_submission(sub.path)
+            sha = hashlib.sha256(data).hexdigest()
+        except (CourseError, OSError) as e:
+            result.status, result.reason = "not graded", str(e) if isinstance(e, CourseError) \
+                else f"{sub.path.name}: unreadable ({e.strerror})"
+            results.append(result)
+            continue
+        fp = fingerprint(course, sub.lesson)
+        hit = None if regrade else _load_cached(out_dir, sub.student, sub.lesson.slug, sha, fp)
+        if hit is not None:
+            cached.append(hit)
+        else:
+            todo.append((sub, data, sha, fp))
+    results.extend(cached)
+    if cached:
+        progress(f"{len(cached)} submission(s) unchanged since the last run: kept their grades")
+
+    def grade_one(item):
+        sub, data, sha, fp = item
+        result = Result(sub.student, sub.lesson.slug, max_score=_max_points(sub.lesson))
         start = time.perf_counter()
         try:
-            nb = check_submission(sub)
-            course.submit(sub.student, sub.lesson, nb)
-            reason = course.autograde(sub.student, sub.lesson)
-            if reason:
-                raise CourseError(reason)
-            scores = course.scores(sub.student, sub.lesson)
-            if scores is None:
-                raise CourseError("autograde produced no scores")
-            result.score, result.max_score = scores["score"], scores["max_score"]
-            result.cells = scores["cells"]
-            if feedback:
-                html = course.feedback(sub.student, sub.lesson)
-                if html:
-                    dest = out_dir / "feedback" / sub.student / f"{sub.lesson.slug}.html"
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(html, dest)
-                    result.feedback = str(dest)
+            check_submission(sub, data)
+            outcome = course.grade_private(sub.student, sub.lesson, data)
+            course.last_outcome[(sub.student, sub.lesson.slug)] = outcome
+            if outcome.reason:
+                raise CourseError(outcome.reason)
+            try:  # the CSV gradebook comes from memory: a damaged course database loses nothing
+                course.record(sub.student, sub.lesson, outcome)
+            except Exception as e:
+                progress(f"warning: {sub.student} {sub.lesson.slug}: not written to the course "
+                         f"database ({type(e).__name__}); the CSV gradebook has it")
+            result.cells = outcome.cells
+            result.score = sum(s for s, _ in outcome.cells.values())
+            result.max_score = sum(m for _, m in outcome.cells.values())
+            notes = [f"{g}: {why}" for g, why in outcome.failures.items()
+                     if not why.startswith("fails (see")]
+            result.reason = "; ".join(notes)[:300]
         except CourseError as e:
-            result.status, result.reason = "not graded", str(e)
-            result.max_score = _max_points(sub.lesson)
-        results.append(result)
-        progress(f"[{i}/{len(subs)}] {sub.student:<16} {sub.lesson.slug:<24} "
-                 f"{result.score:g}/{result.max_score:g}  {result.reason}"
-                 f" ({time.perf_counter() - start:.0f} s)")
+            result.status, result.reason, result.score = "not graded", str(e), 0.0
+        except Exception as e:  # a bug of ours must not stop the class: report it on the row
+            result.status, result.score = "not graded", 0.0
+            result.reason = f"grader error ({type(e).__name__}: {str(e)[:200]})"
+        return item, result, time.perf_counter() - start
+
+    # identical files (copies) are graded once: grading depends only on the bytes and the lesson
+    groups: dict[tuple[str, str], list] = {}
+    for item in todo:
+        groups.setdefault((item[0].lesson.slug, item[2]), []).append(item)
+    bar = _bar(len(todo), progress_bar)
+    graded, done = [], 0
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(grade_one, items[0]): items for items in groups.values()}
+        for fut in as_completed(futures):
+            items = futures[fut]
+            (sub, data, sha, fp), result, seconds = fut.result()
+            copies = [(sub, result)]
+            for other, _, _, _ in items[1:]:
+                twin = Result(**{**asdict(result), "student": other.student})
+                if twin.status == "graded":
+                    outcome = course.last_outcome.get((sub.student, sub.lesson.slug))
+                    try:
+                        if outcome is not None:
+                            course.record(other.student, other.lesson, outcome)
+                    except Exception:
+                        pass
+                copies.append((other, twin))
+            for one, res in copies:
+                done += 1
+                graded.append((one, sha, fp, res))
+                same = f" (same file as {sub.student})" if one is not sub else ""
+                line = (f"[{done}/{len(todo)}] {one.student:<16} {one.lesson.slug:<24} "
+                        f"{res.score:g}/{res.max_score:g}  {res.reason} ({seconds:.0f} s){same}")
+                if bar is not None:
+                    bar.update(1)
+                    bar.write(line)
+                else:
+                    progress(line)
+    if bar is not None:
+        bar.close()
+
+    if feedback:
+        _write_feedback(course, out_dir, [r for _, _, _, r in graded if r.status == "graded"])
+    results.extend(r for _, _, _, r in graded)
+    for sub, sha, fp, result in graded:  # the cache is written after every child has finished
+        path = _cache_path(out_dir, sub.student, sub.lesson.slug)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"sha256": sha, "fingerprint": fp, "result": asdict(result)}))
     write_gradebook(results, out_dir)
     return results
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="grading", unit="notebook", file=sys.stderr)
+
+
+def _write_feedback(course: Course, out_dir: Path, graded: list[Result]) -> None:
+    """One ``nbgrader generate_feedback`` per lesson, then copy each student's page out."""
+    lessons = {}
+    for r in graded:
+        lessons.setdefault(r.lesson, []).append(r)
+    for slug, rows in lessons.items():
+        course.nbgrader("generate_feedback", slug, "--force", timeout=600)
+        for r in rows:
+            html = course.root / "feedback" / r.student / slug / f"{slug}.html"
+            if html.exists():
+                dest = out_dir / "feedback" / r.student / f"{slug}.html"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(html, dest)
+                r.feedback = str(dest)
 
 
 def _max_points(lesson: Lesson) -> float:
@@ -170,15 +353,17 @@ def write_gradebook(results: list[Result], out_dir: Path) -> Path:
 
 
 def summary_table(results: list[Result]) -> str:
-    """The gradebook as a fixed-width text table."""
-    rows = [("student", "lesson", "score", "status / reason")]
+    """The gradebook as a fixed-width text table: student, lesson, score, max, and the status with
+    the reason for anything not graded (or for a test cell the integrity re-check failed)."""
+    rows = [("student", "lesson", "score", "max", "status / reason")]
     for r in sorted(results, key=lambda r: (r.student, r.lesson)):
-        rows.append((r.student, r.lesson, f"{r.score:g}/{r.max_score:g}",
-                     r.reason if r.reason else r.status))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        status = r.status + (f": {r.reason}" if r.reason else "")
+        rows.append((r.student, r.lesson, f"{r.score:g}", f"{r.max_score:g}",
+                     " ".join(status.split())))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = []
     for n, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
         if n == 0:
-            lines.append("-" * (sum(widths) + 6 + 16))
+            lines.append("-" * (sum(widths) + 8 + 24))
     return "\n".join(lines)

@@ -12,26 +12,52 @@ from .lessons import CourseError, Lesson
 _MARKER = re.compile(r"^[ \t]*### (BEGIN|END) SOLUTION[ \t]*\n?", re.MULTILINE)
 
 
-def read_notebook(path: Path, max_bytes: int = 50_000_000) -> nbformat.NotebookNode:
+MAX_BYTES = 50_000_000
+
+
+def read_notebook(path: Path, max_bytes: int = MAX_BYTES) -> nbformat.NotebookNode:
     """Read and validate a notebook, raising ``CourseError`` with a one-line reason if it is broken."""
     path = Path(path)
     if not path.exists():
         raise CourseError(f"{path}: no such notebook")
+    if path.is_symlink():
+        raise CourseError(f"{path.name}: is a symbolic link, not a submitted file")
+    if not path.is_file():
+        raise CourseError(f"{path.name}: not a regular file")
     size = path.stat().st_size
     if size == 0:
         raise CourseError(f"{path.name}: empty file")
     if size > max_bytes:
         raise CourseError(f"{path.name}: {size / 1e6:.0f} MB is over the {max_bytes / 1e6:.0f} MB limit")
+    return notebook_from_bytes(path.read_bytes(), path.name, max_bytes)
+
+
+def notebook_from_bytes(data: bytes, name: str, max_bytes: int = MAX_BYTES) -> nbformat.NotebookNode:
+    """``read_notebook`` for a file already in memory (the grader reads each submission once)."""
+    if len(data) == 0 or not data.strip():
+        raise CourseError(f"{name}: empty file")
+    if len(data) > max_bytes:
+        raise CourseError(f"{name}: {len(data) / 1e6:.0f} MB is over the {max_bytes / 1e6:.0f} MB limit")
     try:
-        json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CourseError(f"{path.name}: not a valid notebook (corrupt JSON: {e})") from None
+        raw = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CourseError(f"{name}: not a valid notebook (corrupt JSON: {str(e)[:120]})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("cells"), list):
+        raise CourseError(f"{name}: not a valid notebook (no cell list)")
     try:
-        nb = nbformat.read(path, as_version=4)
+        nb = nbformat.reads(data.decode("utf-8"), as_version=4)
     except Exception as e:  # nbformat raises assorted errors on malformed structure
-        raise CourseError(f"{path.name}: not a valid notebook ({type(e).__name__}: {e})") from None
+        raise CourseError(f"{name}: not a valid notebook ({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(nb.get("cells"), list):
-        raise CourseError(f"{path.name}: not a valid notebook (no cell list)")
+        raise CourseError(f"{name}: not a valid notebook (no cell list)")
+    for cell in nb.cells:
+        if not isinstance(cell, dict) or not isinstance(cell.get("metadata", {}), dict) \
+                or not isinstance(cell.get("source", ""), str):
+            raise CourseError(f"{name}: not a valid notebook (a malformed cell)")
+        meta = cell.get("metadata", {}).get("nbgrader")
+        if meta is not None and (not isinstance(meta, dict)
+                                 or not isinstance(meta.get("grade_id", ""), str)):
+            raise CourseError(f"{name}: not a valid notebook (malformed nbgrader metadata)")
     return nb
 
 

@@ -1,0 +1,108 @@
+"""The grader treats every submission as hostile and still grades the whole class.
+
+One class holds every case of ``tests/adversarial/corpus.py`` next to a correct, a blank and a
+correct-but-noisy student; it is graded once, two submissions at a time, through
+``grade_folder`` (what ``brewslm grade`` runs). Each case must get exactly its stated outcome, no
+attack may score more than the blank release, and the other students keep their scores.
+Then the same folder is graded again: nothing is re-run unless a file changed.
+"""
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from adversarial.corpus import CASES, LESSON, Ctx, write_class  # noqa: E402
+
+from grader import sandbox  # noqa: E402
+from grader.grade import grade_folder, summary_table  # noqa: E402
+
+ISOLATION = sandbox.isolation_available()
+TIMEOUTS = dict(cell_timeout=90, notebook_timeout=240)  # generous: the setup cell imports torch
+
+
+@pytest.fixture(scope="module")
+def graded_class(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    ctx = Ctx(submissions=root / "class", out=root / "out", marker=root / "daemon.marker")
+    write_class(ctx.submissions, ctx, CASES)
+    start = time.perf_counter()
+    results = grade_folder(ctx.submissions, ctx.out, feedback=False, jobs=2, **TIMEOUTS)
+    seconds = time.perf_counter() - start
+    print("\n" + summary_table(results) + f"\n({len(CASES)} submissions, {seconds:.0f} s, --jobs 2)")
+    return ctx, {r.student: r for r in results}, seconds
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_case_gets_its_outcome(graded_class, case):
+    ctx, results, _ = graded_class
+    if case.needs_isolation and not ISOLATION:
+        pytest.skip("needs a mount namespace (run the grader as root or allow unshare)")
+    r = results[case.name]
+    want = case.expect if ISOLATION or case.without_isolation is None else case.without_isolation
+    assert r.status == want.status, (r.status, r.reason)
+    assert r.score == want.score, (r.score, r.reason, r.cells)
+    assert r.max_score == 9.0
+    if want.cells is not None:
+        assert {g: s for g, (s, _) in r.cells.items()} == want.cells, r.reason
+    if want.reason:
+        assert want.reason in r.reason, r.reason
+    if want.reason_any:
+        assert any(s in r.reason for s in want.reason_any), r.reason
+    if case.kind == "attack":
+        assert r.score <= results["blank"].score
+    assert "\n" not in r.reason and len(r.reason) <= 400
+
+
+def test_no_grade_is_lost(graded_class):
+    ctx, results, _ = graded_class
+    assert set(results) == {c.name for c in CASES}
+    rows = list(csv.DictReader(open(ctx.out / "gradebook.csv")))
+    assert sorted(r["student"] for r in rows) == sorted(c.name for c in CASES)
+    for row in rows:  # the CSV is what the grader computed, whatever the vandal wrote
+        r = results[row["student"]]
+        assert float(row["score"]) == r.score and row["status"] == r.status
+        assert row["status"] == "graded" or row["reason"]
+
+
+def test_nothing_a_submission_started_survives(graded_class):
+    ctx, _, _ = graded_class
+    before = ctx.marker.stat().st_size if ctx.marker.exists() else 0
+    time.sleep(1.5)
+    after = ctx.marker.stat().st_size if ctx.marker.exists() else 0
+    assert after == before, "the daemon a submission started is still running"
+
+
+@pytest.mark.skipif(not ISOLATION, reason="needs a mount namespace")
+def test_the_class_folder_and_course_are_out_of_reach(graded_class):
+    ctx, _, _ = graded_class
+    assert not (ctx.submissions / "zz_fake_student").exists()
+    assert (ctx.submissions / "good" / f"{LESSON.slug}.ipynb").read_bytes()[:1] == b"{"
+
+
+def test_regrading_is_idempotent_and_only_regrades_what_changed(graded_class):
+    ctx, first, _ = graded_class
+    lines = []
+    start = time.perf_counter()
+    again = {r.student: r for r in grade_folder(ctx.submissions, ctx.out, feedback=False, jobs=2,
+                                                progress=lines.append, progress_bar=False,
+                                                **TIMEOUTS)}
+    assert time.perf_counter() - start < 120
+    assert {k: (r.status, r.score, r.reason) for k, r in again.items()} == \
+        {k: (r.status, r.score, r.reason) for k, r in first.items()}
+    assert not [l for l in lines if l.startswith("[")], lines  # nothing was executed again
+
+    # one student hands in again: only that submission is graded
+    good = ctx.submissions / "good" / f"{LESSON.slug}.ipynb"
+    (ctx.submissions / "blank" / f"{LESSON.slug}.ipynb").write_bytes(good.read_bytes())
+    lines.clear()
+    third = {r.student: r for r in grade_folder(ctx.submissions, ctx.out, feedback=False, jobs=2,
+                                                progress=lines.append, progress_bar=False,
+                                                **TIMEOUTS)}
+    graded_lines = [l for l in lines if l.startswith("[")]
+    assert len(graded_lines) == 1 and " blank " in graded_lines[0], lines
+    assert third["blank"].score == 9.0 and third["good"].score == 9.0
