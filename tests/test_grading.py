@@ -2,7 +2,9 @@
 the solution gets full marks, the blank release zero, and each known mistake loses exactly the
 points of the test cells it names.
 
-The solution and the blank release are graded as whole notebooks. Known mistakes are graded with
+The solution and the blank release are graded as whole notebooks; grading the solution is also the
+proof that it runs top to bottom, headless, at ci budget (no cell of the autograded copy may hold an
+error), so CI executes each lesson once for both. Known mistakes are graded with
 the demo cells removed (``exercises_only``): test cells depend only on the setup cell and their own
 exercise, which the ``solution-exercises-only`` case proves by getting full marks that way too.
 """
@@ -50,6 +52,10 @@ def test_round_trip(course, lesson, kind, mistake):
         scores = graded(course, kind, lesson, exercises_only(nb) if kind.endswith("only") else nb)
         assert scores["cells"] == {g: (p, p) for g, p in expected_cells.items()}
         assert scores["score"] == scores["max_score"] == sum(expected_cells.values()) > 0
+        executed = read_notebook(course.root / "autograded" / kind / lesson.slug / f"{lesson.slug}.ipynb")
+        errors = [f"{o['ename']}: {o['evalue']}" for c in executed.cells for o in c.get("outputs", [])
+                  if o.get("output_type") == "error"]
+        assert not errors, f"{lesson.slug} does not run clean at ci budget: {errors}"
     elif kind == "blank":
         scores = graded(course, "blank", lesson, make_submission(lesson, answers="blank"))
         assert scores["score"] == 0

@@ -1,4 +1,8 @@
-"""Every solution notebook runs headless at ci budget; the committed notebooks are clean and in sync."""
+"""The papermill pipeline runs a lesson headless at ci budget; the committed notebooks are clean and in sync.
+
+Every lesson's clean ci-budget execution is proved by grading its solution (tests/test_grading.py),
+which executes it top to bottom in a fresh kernel; here papermill (``brewslm run``) is exercised on
+the first lesson only, so CI does not execute every notebook twice."""
 from __future__ import annotations
 
 import json
@@ -17,7 +21,7 @@ def test_there_are_lessons():
     assert [l.slug[:2] for l in LESSONS[:4]] == ["01", "02", "03", "04"]
 
 
-@pytest.mark.parametrize("lesson", LESSONS, ids=IDS)
+@pytest.mark.parametrize("lesson", LESSONS[:1], ids=IDS[:1])
 def test_solution_runs_at_ci_budget(lesson, tmp_path):
     (row,) = run_lessons([lesson], "ci", tmp_path)
     assert row["status"] == "ok", row["error"]
