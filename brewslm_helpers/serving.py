@@ -1,0 +1,437 @@
+"""Serving plumbing: a llama.cpp OpenAI-compatible server you can start and always stop, a client
+that hits it concurrently, request traces, a static-batching baseline, and GGUF variants.
+
+The server is ``python -m llama_cpp.server`` (``llama-cpp-python[server]``) in its own process
+group, on a free port, started and stopped by :class:`LlamaServer`::
+
+    with serving.LlamaServer(models.gguf_path(), n_threads=2) as server:
+        reply = serving.complete(server.base_url, prompt, max_tokens=16)
+
+It is shut down (the whole process group: SIGTERM, then SIGKILL) when the ``with`` block ends,
+however it ends, and also by a ``weakref.finalize`` finalizer when the object is collected or the
+interpreter exits, so a failing notebook cell never leaves a server behind. Lesson 9's drift checks
+reuse it. The client speaks the OpenAI HTTP API with the standard library only, so the same code
+talks to vLLM (``vllm serve ...``) or any other OpenAI-compatible server.
+
+Nothing here is the answer to a graded exercise: ``static_batching`` is the *baseline* the lesson's
+continuous-batching exercise is compared with.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .paths import cache_dir
+
+# -------------------------------------------------------------------------------------------------
+# The server
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """Stop ``proc``'s whole process group: SIGTERM, wait up to ``grace_s``, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # the group may hold children that outlive the leader: make sure none survive
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class ServerError(RuntimeError):
+    """The server did not come up (its log's last lines are in the message)."""
+
+
+class LlamaServer:
+    """llama.cpp's OpenAI-compatible server on ``model_path`` (a GGUF file), in a subprocess.
+
+    Use it as a context manager (``with LlamaServer(path) as s:``) or call :meth:`start` and
+    :meth:`stop`. ``base_url`` is ``http://127.0.0.1:PORT/v1``. The server runs in its own process
+    group (``start_new_session``), so stopping it kills everything it started. A
+    ``weakref.finalize`` finalizer stops it if the object is garbage-collected or the interpreter
+    exits while it still runs.
+
+    ``interrupt_requests=False``: llama-cpp-python's server otherwise *cancels* a streaming reply as
+    soon as another request arrives, which is not what concurrent clients want. The server still
+    runs one request at a time (it holds one ``Llama`` behind a lock): concurrent requests queue.
+    """
+
+    def __init__(self, model_path, *, n_threads: int = 2, n_ctx: int = 1024, port: int | None = None,
+                 startup_timeout_s: float = 120.0, extra_args: list[str] | None = None):
+        self.model_path = Path(model_path)
+        if not self.model_path.exists():
+            raise FileNotFoundError(self.model_path)
+        self.n_threads = n_threads
+        self.n_ctx = n_ctx
+        self.port = port
+        self.startup_timeout_s = startup_timeout_s
+        self.extra_args = list(extra_args or [])
+        self.proc: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+        self._finalizer = None
+        self.startup_s: float | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path),
+                "--host", "127.0.0.1", "--port", str(self.port), "--n_threads", str(self.n_threads),
+                "--n_threads_batch", str(self.n_threads), "--n_ctx", str(self.n_ctx),
+                "--interrupt_requests", "False", "--verbose", "False", *self.extra_args]
+
+    def start(self) -> "LlamaServer":
+        if self.running():
+            return self
+        self.port = self.port or free_port()
+        logs = cache_dir() / "server_logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.log_path = logs / f"llama_server_{self.port}.log"
+        t0 = time.perf_counter()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self._finalizer = weakref.finalize(self, _kill_group, self.proc)
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.perf_counter() - t0
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"llama.cpp server exited with code {self.proc.returncode}:\n"
+                                  + self.log_tail())
+            try:
+                with urllib.request.urlopen(self.base_url + "/models", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, socket.timeout, http.client.HTTPException):
+                pass
+            time.sleep(0.1)
+        raise ServerError(f"llama.cpp server not healthy after {self.startup_timeout_s:.0f} s:\n"
+                          + self.log_tail())
+
+    def log_tail(self, n: int = 20) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> None:
+        """Stop the server (idempotent)."""
+        if self._finalizer is not None:
+            self._finalizer()          # runs _kill_group once, then detaches
+        self._finalizer = None
+
+    def __enter__(self) -> "LlamaServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running() else "stopped"
+        return f"LlamaServer({self.model_path.name}, {self.base_url}, pid={self.pid}, {state})"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id still exists (and is not a zombie)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited: it only waits for its parent to reap it
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+# -------------------------------------------------------------------------------------------------
+# The client (OpenAI HTTP API, standard library only)
+
+
+def complete(base_url: str, prompt: str, max_tokens: int = 32, *, temperature: float = 0.0,
+             model: str | None = None, stop: list[str] | None = None,
+             timeout_s: float = 300.0) -> dict:
+    """One streamed ``POST {base_url}/completions`` (raw prompt, greedy by default).
+
+    Returns ``{"text", "tokens", "start_s", "first_token_s", "finish_s", "ttft_s", "latency_s"}``:
+    times are ``time.perf_counter()`` values of this process; ``tokens`` counts the streamed chunks
+    that carried text (one per token for llama.cpp and vLLM).
+    """
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
+            "stream": True}
+    if model is not None:
+        body["model"] = model
+    if stop:
+        body["stop"] = stop
+    req = urllib.request.Request(base_url.rstrip("/") + "/completions",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    first = None
+    pieces = []
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        for raw in resp:
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            text = chunk["choices"][0].get("text", "")
+            if text:
+                if first is None:
+                    first = time.perf_counter()
+                pieces.append(text)
+    finish = time.perf_counter()
+    first = first if first is not None else finish
+    return {"text": "".join(pieces), "tokens": len(pieces), "start_s": start,
+            "first_token_s": first, "finish_s": finish, "ttft_s": first - start,
+            "latency_s": finish - start}
+
+
+def run_concurrent(base_url: str, prompts: list[str], concurrency: int, max_tokens: int,
+                   **kwargs) -> dict:
+    """Send every prompt with ``concurrency`` client threads at once (a closed loop: each thread
+    sends its next request when the previous one returns).
+
+    Returns ``{"requests": [complete() results, in prompt order], "wall_s": float,
+    "tokens": int, "tokens_per_s": float}``: throughput is all tokens over the wall time.
+    """
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = list(pool.map(lambda p: complete(base_url, p, max_tokens, **kwargs), prompts))
+    wall = time.perf_counter() - t0
+    tokens = sum(r["tokens"] for r in results)
+    return {"requests": results, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+
+
+# -------------------------------------------------------------------------------------------------
+# Request traces and the static-batching baseline
+
+
+def make_trace(n_requests: int, rate_per_s: float, *, prompt_tokens: tuple[int, int] = (16, 128),
+               output_tokens: tuple[int, int] = (8, 128), seed: int = 0) -> list[dict]:
+    """A synthetic request trace: Poisson arrivals at ``rate_per_s``, prompt and output lengths
+    drawn log-uniformly from the inclusive ranges (many short replies, a few long ones, as in chat
+    traffic).
+
+    Returns dicts ``{"id": int, "arrival_s": float, "prompt_tokens": int, "output_tokens": int}``
+    sorted by arrival; the first request arrives at 0.
+    """
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate_per_s, size=n_requests)
+    arrivals = np.concatenate([[0.0], np.cumsum(gaps[1:])])
+
+    def loguniform(lo, hi):
+        return np.round(np.exp(rng.uniform(np.log(lo), np.log(hi), size=n_requests))).astype(int)
+
+    p = loguniform(*prompt_tokens)
+    o = loguniform(*output_tokens)
+    return [{"id": i, "arrival_s": float(a), "prompt_tokens": int(pi), "output_tokens": int(oi)}
+            for i, (a, pi, oi) in enumerate(zip(arrivals, p, o))]
+
+
+def static_batching(trace: list[dict], max_batch: int,
+                    step_time: Callable[[int, int], float]) -> list[dict]:
+    """The baseline: request-level (static) batching, as ``model.generate`` on a padded batch.
+
+    When the engine is idle it takes up to ``max_batch`` requests that have arrived (FIFO), runs
+    them together until the *longest* is done (finished rows keep their slot: padding), and returns
+    all of them at once; requests that arrive meanwhile wait for the next batch. Each iteration
+    costs ``step_time(batch_size, prefill_tokens)`` (prefill of the whole batch in the first one).
+
+    Returns one dict per request, in trace order: the trace's fields plus ``first_token_s`` and
+    ``finish_s`` (simulated seconds).
+    """
+    waiting = sorted(trace, key=lambda r: (r["arrival_s"], r["id"]))
+    out = {}
+    t = 0.0
+    i = 0
+    while i < len(waiting):
+        t = max(t, waiting[i]["arrival_s"])
+        batch = []
+        while i < len(waiting) and len(batch) < max_batch and waiting[i]["arrival_s"] <= t:
+            batch.append(waiting[i])
+            i += 1
+        steps = max(r["output_tokens"] for r in batch)
+        first = None
+        for s in range(steps):
+            t += step_time(len(batch), sum(r["prompt_tokens"] for r in batch) if s == 0 else 0)
+            first = t if first is None else first
+        for r in batch:
+            out[r["id"]] = {**r, "first_token_s": first, "finish_s": t}
+    return [out[r["id"]] for r in trace]
+
+
+# -------------------------------------------------------------------------------------------------
+# Measurements on the real model
+
+
+def measure_step_times(model, batch_sizes: list[int], context_len: int = 64, steps: int = 4,
+                       prefill_len: int = 64, repeats: int = 2) -> dict:
+    """Seconds per decode iteration of ``model`` for each batch size, and per prefill token.
+
+    For each ``b``: a batch of ``b`` random sequences of ``context_len`` tokens is prefilled into a
+    ``DynamicCache``, then ``steps`` one-token decode iterations are timed (best of ``repeats``).
+    The prefill cost is one forward pass over ``prefill_len`` tokens (batch 1), per token.
+
+    Returns ``{"batch_sizes": [...], "step_s": [...], "prefill_s_per_token": float}``.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    step_s = []
+    with torch.inference_mode():
+        for b in batch_sizes:
+            best = float("inf")
+            for _ in range(repeats):
+                ids = torch.randint(0, vocab, (b, context_len), generator=gen)
+                cache = DynamicCache(config=model.config)
+                out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                best = min(best, (time.perf_counter() - t0) / steps)
+            step_s.append(best)
+        ids = torch.randint(0, vocab, (1, prefill_len), generator=gen)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            best = min(best, time.perf_counter() - t0)
+    return {"batch_sizes": list(batch_sizes), "step_s": step_s,
+            "prefill_s_per_token": best / prefill_len}
+
+
+def cost_model(measured: dict) -> Callable[[int, int], float]:
+    """``step_time(batch_size, prefill_tokens)`` from :func:`measure_step_times`: the decode
+    iteration time interpolated (linearly, extrapolated from the last two points) over the measured
+    batch sizes, plus the prefill tokens' cost."""
+    bs = np.asarray(measured["batch_sizes"], dtype=float)
+    st = np.asarray(measured["step_s"], dtype=float)
+    per_token = float(measured["prefill_s_per_token"])
+    slope = (st[-1] - st[-2]) / (bs[-1] - bs[-2]) if len(bs) > 1 else 0.0
+
+    def step_time(batch_size: int, prefill_tokens: int = 0) -> float:
+        if batch_size <= bs[-1]:
+            decode = float(np.interp(batch_size, bs, st))
+        else:
+            decode = float(st[-1] + slope * (batch_size - bs[-1]))
+        return decode + per_token * prefill_tokens
+
+    return step_time
+
+
+def memory_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
+    """This machine's read bandwidth in GB/s as torch sees it: the best of ``repeats`` sums over a
+    ``megabytes`` float32 buffer (much larger than the CPU caches), with torch's threads."""
+    import torch
+
+    x = torch.ones(megabytes * 2 ** 20 // 4, dtype=torch.float32)
+    x.sum()  # touch every page first
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+# -------------------------------------------------------------------------------------------------
+# GGUF variants
+
+GGUF_TYPES = {"F32": 0, "F16": 1, "Q4_1": 3, "Q8_0": 7}
+
+
+def gguf_variant(kind: str, source=None, n_threads: int = 2) -> Path:
+    """The course model as a GGUF file of type ``kind`` (``"F32"``, ``"F16"``, ``"Q8_0"``,
+    ``"Q4_1"``), written once by llama.cpp's own quantizer (``llama_model_quantize``) under
+    ``cache_dir()/serving/`` and reused after.
+
+    ``"Q4_1"`` is the shipped file itself. The others are *re-typed from the Q4_1 weights*
+    (``allow_requantize``): an F16 made this way has F16's size and speed but Q4_1's quality,
+    because the information the 4-bit rounding threw away does not come back.
+    """
+    from .models import gguf_path
+
+    kind = kind.upper()
+    if kind not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF type {kind!r}: use one of {', '.join(GGUF_TYPES)}")
+    source = Path(source) if source is not None else gguf_path()
+    if kind == "Q4_1" and source == gguf_path():
+        return source
+    folder = cache_dir() / "serving"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{source.stem.rsplit('.', 1)[0]}.{kind}-from-{source.stem.rsplit('.', 1)[-1]}.gguf"
+    if target.exists():
+        return target
+    import llama_cpp
+
+    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = GGUF_TYPES[kind]
+    params.allow_requantize = True
+    params.nthread = n_threads
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+    if rc != 0 or not tmp.exists():
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"llama_model_quantize to {kind} failed (code {rc})")
+    os.replace(tmp, target)  # atomic: a concurrent writer produces the same bytes
+    return target
