@@ -32,7 +32,7 @@ from .paths import cache_dir
 HELDOUT_FILE = Path(__file__).parent / "data" / "heldout_texts.jsonl"
 
 # llama.cpp file types (enum llama_ftype) for the variants this lesson writes
-FTYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K_M": 15}
+FTYPES = {"F32": 0, "F16": 1, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15}
 
 
 def quant_dir() -> Path:
@@ -223,13 +223,14 @@ def llama_quantize(src: str | Path, dst: str | Path, ftype: str, nthread: int = 
     """
     import llama_cpp
     dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
+    tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = nthread
     params.ftype = FTYPES[ftype]
     params.allow_requantize = True
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-    if rc != 0:
+    if rc != 0 or not tmp.exists():
+        tmp.unlink(missing_ok=True)
         raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) returned {rc}")
     os.replace(tmp, dst)
     return dst

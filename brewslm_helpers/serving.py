@@ -397,7 +397,7 @@ def memory_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
 # -------------------------------------------------------------------------------------------------
 # GGUF variants
 
-GGUF_TYPES = {"F32": 0, "F16": 1, "Q4_1": 3, "Q8_0": 7}
+GGUF_TYPES = ("F32", "F16", "Q4_1", "Q8_0")  # served here; llama.cpp file types in quant.FTYPES
 
 
 def gguf_variant(kind: str, source=None, n_threads: int = 2) -> Path:
@@ -422,16 +422,7 @@ def gguf_variant(kind: str, source=None, n_threads: int = 2) -> Path:
     target = folder / f"{source.stem.rsplit('.', 1)[0]}.{kind}-from-{source.stem.rsplit('.', 1)[-1]}.gguf"
     if target.exists():
         return target
-    import llama_cpp
+    from .quant import llama_quantize
 
-    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = GGUF_TYPES[kind]
-    params.allow_requantize = True
-    params.nthread = n_threads
-    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
-    if rc != 0 or not tmp.exists():
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"llama_model_quantize to {kind} failed (code {rc})")
-    os.replace(tmp, target)  # atomic: a concurrent writer produces the same bytes
+    llama_quantize(source, target, kind, nthread=n_threads)  # atomic: concurrent writers agree
     return target

@@ -14,15 +14,8 @@ from brewslm_helpers import models, students
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return models.load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tok):
-    teacher = models.student_from_config(tok, hidden_size=32, num_layers=2, num_heads=2,
-                                         num_kv_heads=1, intermediate_size=64, seed=0)
-    return teacher.eval()
+def tiny_teacher(tiny_llama_of):
+    return tiny_llama_of(2)
 
 
 SMALL = dict(rows=4, batch_size=2, steps=2)
