@@ -1,4 +1,4 @@
-"""The ``brewslm`` command: release, run, grade, validate, demo, bench, lab.
+"""The ``brewslm`` command: release, run, grade, validate, mistakes, demo, bench, lab.
 
 Errors a user can cause (unknown lesson, missing folder, corrupt notebook) print one line and
 exit with status 2, no traceback.
@@ -104,6 +104,28 @@ def cmd_validate(args) -> int:
     return 0 if scores["score"] == scores["max_score"] else 1
 
 
+def cmd_mistakes(args) -> int:
+    """For lesson authors: which test cells each known mistake fails (one kernel per lesson)."""
+    from .notebooks import read_notebook, test_cells
+    from .selfcheck import SOLUTION, score_variants
+
+    bad = 0
+    for lesson in select_lessons(args.lessons):
+        points = test_cells(read_notebook(lesson.solution))
+        loses = {m["name"]: set(m["loses"]) for m in lesson.mistakes}
+        print(f"{lesson.slug}: {len(lesson.mistakes)} known mistakes, {len(points)} test cells",
+              flush=True)
+        for name, scored in score_variants(lesson, budget=args.budget).items():
+            failed = {g for g, s in scored.items() if s < points[g]}
+            want = loses.get(name, set()) if not name.startswith(SOLUTION[:-1]) else set()
+            ok = failed == want
+            bad += not ok
+            shown = ", ".join(sorted(failed)) or "passes every test"
+            print(f"  {'ok ' if ok else 'BAD'}  {name:<36} {shown}"
+                  + ("" if ok else f"   (should fail: {', '.join(sorted(want)) or 'none'})"))
+    return 1 if bad else 0
+
+
 def cmd_demo(args) -> int:
     """The main job: execute every solution at ``ci`` budget, then grade the sample class."""
     from .grade import grade_folder, summary_table
@@ -179,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lesson", help="lesson, if the file name does not say")
     s.add_argument("--budget", choices=BUDGETS, default="ci")
     s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("mistakes", help="for authors: check that each known mistake fails exactly "
+                                        "the test cells it names")
+    s.add_argument("lessons", nargs="*", help="lessons (default: all)")
+    s.add_argument("--budget", choices=BUDGETS, default="ci")
+    s.set_defaults(func=cmd_mistakes)
 
     s = sub.add_parser("demo", help="the main job: run every lesson at ci budget, grade a sample class")
     s.add_argument("lessons", nargs="*")

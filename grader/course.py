@@ -149,6 +149,14 @@ class Course:
                 if result.returncode != 0:
                     raise CourseError(f"{lesson.slug}: nbgrader generate_assignment failed: "
                                       f"{_last_error(result.stdout)}")
+        # the model's first-load conversion (~540 MB of safetensors) happens here, in this process:
+        # a graded kernel may not write a file that large, and every submission would redo it
+        from brewslm_helpers import models
+
+        try:
+            models.teacher_dir()
+        except models.ModelNotFound as e:
+            raise CourseError(str(e)) from None
         # kept in memory: nothing a submission writes on disk can change what later ones are graded by
         for lesson in lessons:
             self._sources[lesson.slug] = read_notebook(self.root / "source" / lesson.slug

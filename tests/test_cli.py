@@ -80,3 +80,13 @@ def test_a_broken_class_is_graded_with_reasons(tmp_path):
         z.writestr(f"zoe_1234_{LESSON.slug}.ipynb", nbformat.writes(good))
     subs_found, problems = collect(archive)
     assert [(s.student, s.lesson) for s in subs_found] == [("zoe", LESSON)] and not problems
+
+
+def test_mistakes_command_shows_what_each_known_mistake_fails():
+    result = brewslm("mistakes", LESSON.slug)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for m in LESSON.mistakes:
+        row = next(l for l in lines if f" {m['name']} " in l)
+        assert row.lstrip().startswith("ok") and ", ".join(sorted(m["loses"])) in row, row
+    assert sum("passes every test" in l for l in lines) == 2  # the solution, before and after
