@@ -109,6 +109,7 @@ class Course:
         self.max_output_bytes = max_output_bytes
         self.recheck = recheck  # phase 2 (grader.verify); off only to compare with plain nbgrader
         self.hide = [Path(p).resolve() for p in (hide or [])]  # more folders a submission must not see
+        self.threads: int | None = None  # math-library threads per graded kernel (None: the default)
         self._template: dict[str, bytes] = {}   # lesson slug -> empty gradebook (assignment only)
         self._sources: dict[str, nbformat.NotebookNode] = {}  # lesson slug -> source notebook
         self.last_outcome: dict[tuple[str, str], Outcome] = {}
@@ -200,6 +201,9 @@ class Course:
     def kernel_env(self) -> dict[str, str]:
         env = self.env()
         env["BREWSLM_SANDBOX"] = "1"
+        if self.threads:  # kernels graded side by side must not each spin a thread per core
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+                env.setdefault(var, str(self.threads))
         return env
 
     def source(self, lesson: Lesson) -> nbformat.NotebookNode:
