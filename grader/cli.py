@@ -107,17 +107,16 @@ def cmd_validate(args) -> int:
 def cmd_mistakes(args) -> int:
     """For lesson authors: which test cells each known mistake fails (one kernel per lesson)."""
     from .notebooks import read_notebook, test_cells
-    from .selfcheck import SOLUTION, score_variants
+    from .selfcheck import score_variants, should_fail
 
     bad = 0
     for lesson in select_lessons(args.lessons):
         points = test_cells(read_notebook(lesson.solution))
-        loses = {m["name"]: set(m["loses"]) for m in lesson.mistakes}
         print(f"{lesson.slug}: {len(lesson.mistakes)} known mistakes, {len(points)} test cells",
               flush=True)
         for name, scored in score_variants(lesson, budget=args.budget).items():
             failed = {g for g, s in scored.items() if s < points[g]}
-            want = loses.get(name, set()) if not name.startswith(SOLUTION[:-1]) else set()
+            want = should_fail(lesson, name)
             ok = failed == want
             bad += not ok
             shown = ", ".join(sorted(failed)) or "passes every test"

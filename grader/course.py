@@ -100,7 +100,7 @@ class Course:
     def __init__(self, root: Path, budget: str = "ci", cell_timeout: int = 300,
                  notebook_timeout: int = 900, memory_bytes: int = 8 * sandbox.GiB,
                  max_output_bytes: int = 1_000_000, recheck: bool = True,
-                 hide: list[Path] | None = None):
+                 hide: list[Path] | None = None, threads: int | None = None):
         self.root = Path(root).resolve()
         self.budget = budget
         self.cell_timeout = cell_timeout
@@ -109,7 +109,7 @@ class Course:
         self.max_output_bytes = max_output_bytes
         self.recheck = recheck  # phase 2 (grader.verify); off only to compare with plain nbgrader
         self.hide = [Path(p).resolve() for p in (hide or [])]  # more folders a submission must not see
-        self.threads: int | None = None  # math-library threads per graded kernel (None: the default)
+        self.threads = threads  # math-library threads per graded kernel (None: the library default)
         self._template: dict[str, bytes] = {}   # lesson slug -> empty gradebook (assignment only)
         self._sources: dict[str, nbformat.NotebookNode] = {}  # lesson slug -> source notebook
         self.last_outcome: dict[tuple[str, str], Outcome] = {}

@@ -204,9 +204,9 @@ def grade_folder(submissions: Path, out_dir: Path, budget: str = "ci", feedback:
     out_dir = Path(out_dir).resolve()
     course = Course(out_dir / "course", budget=budget, notebook_timeout=notebook_timeout,
                     cell_timeout=cell_timeout, memory_bytes=int(memory_gib * 2 ** 30),
-                    hide=[out_dir, submissions])
-    if jobs > 1:  # two kernels each running one thread per core oversubscribe the machine
-        course.threads = max(1, (os.cpu_count() or 1) // jobs)
+                    hide=[out_dir, submissions],
+                    # kernels side by side, each with a thread per core, would oversubscribe the machine
+                    threads=max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None)
     course.setup(sorted({s.lesson for s in subs}, key=lambda l: l.slug))
 
     # read everything once, before any student code runs: later writes to these files change nothing

@@ -6,9 +6,10 @@ per variant. What the known mistakes need checking is narrower: that each wrong 
 exactly the test cells it names and passes the others. So this runs the lesson's setup cells once,
 then, for each variant (the solution first, each known mistake, the solution again last, which
 proves no variant left the kernel in a state that changes later verdicts), redefines every exercise
-and re-runs every test cell (the source's, hidden tests included), in notebook order. A test cell's points are decided by nbgrader's own
-rule (``nbgrader.utils.determine_grade`` after its ``IgnorePattern`` preprocessor, with the course's
-pattern): an error, or stderr that is not a warning or a progress bar, scores 0.
+and re-runs every test cell (the source's, hidden tests included), in notebook order. A test cell's
+points are decided by nbgrader's own rule (``nbgrader.utils.determine_grade`` after its
+``IgnorePattern`` preprocessor, with the course's pattern): an error, or stderr that is not a
+warning or a progress bar, scores 0.
 
 The pipeline itself is proved elsewhere (``tests/test_grading.py`` grades the solution, the blank
 release and a known mistake of each lesson through it; ``tests/test_hostile.py`` attacks it).
@@ -20,12 +21,20 @@ import tempfile
 
 import nbformat
 
-from .lessons import Lesson
+from .lessons import CourseError, Lesson
 from .notebooks import (exercises_only, make_submission, mistake_submission, nbgrader_meta,
                         read_notebook, test_cells)
 from .run import notebook_env
 
-SOLUTION = "(solution)"
+SOLUTION, SOLUTION_AGAIN = "(solution)", "(solution, again)"
+
+
+def should_fail(lesson: Lesson, variant: str) -> set[str]:
+    """The test cells ``variant`` (a key of ``score_variants``) must score 0 on: none for the
+    solution, the ``loses`` list for a known mistake."""
+    if variant in (SOLUTION, SOLUTION_AGAIN):
+        return set()
+    return set(next(m for m in lesson.mistakes if m["name"] == variant)["loses"])
 
 
 def variant_cells(nb) -> tuple[list, list]:
@@ -41,10 +50,10 @@ def variant_cells(nb) -> tuple[list, list]:
 
 
 def score_variants(lesson: Lesson, mistakes: list[dict] | None = None, budget: str = "ci",
-                     cell_timeout: int = 600) -> dict[str, dict[str, float]]:
+                   cell_timeout: int = 600) -> dict[str, dict[str, float]]:
     """``{variant: {test grade_id: points scored}}`` for the solution and each known mistake
     (``lesson.mistakes`` by default), all run in one kernel. The solution is run first and last;
-    its two verdicts are keyed ``"(solution)"`` and ``"(solution, again)"``."""
+    its two verdicts are keyed ``SOLUTION`` and ``SOLUTION_AGAIN``."""
     from nbclient import NotebookClient
     from nbgrader.preprocessors import IgnorePattern
     from nbgrader.utils import determine_grade
@@ -54,7 +63,7 @@ def score_variants(lesson: Lesson, mistakes: list[dict] | None = None, budget: s
     mistakes = lesson.mistakes if mistakes is None else mistakes
     variants = [(SOLUTION, make_submission(lesson))]
     variants += [(m["name"], mistake_submission(lesson, m)) for m in mistakes]
-    variants += [(f"{SOLUTION[:-1]}, again)", make_submission(lesson))]
+    variants += [(SOLUTION_AGAIN, make_submission(lesson))]
     source = read_notebook(lesson.solution)
     points = test_cells(source)
     # test cells as nbgrader restores them: the source's, hidden tests included
@@ -79,7 +88,7 @@ def score_variants(lesson: Lesson, mistakes: list[dict] | None = None, budget: s
                 client.execute_cell(cell, i)
                 if i < len(head) and any(o.get("output_type") == "error" for o in cell.outputs):
                     err = next(o for o in cell.outputs if o.get("output_type") == "error")
-                    raise RuntimeError(f"{lesson.slug}: set-up cell {i} failed: "
+                    raise CourseError(f"{lesson.slug}: set-up cell {i} failed: "
                                        f"{err['ename']}: {err['evalue']}")
     IgnorePattern(enabled=True, pattern=IGNORED_STDERR).preprocess(nb, {})
 

@@ -23,7 +23,7 @@ from grader.lessons import all_lessons
 from grader.notebooks import (as_student_code, exercises_only, make_submission, mistake_submission,
                               read_notebook, solution_sources)
 from grader.notebooks import test_cells as points_by_test_cell
-from grader.selfcheck import SOLUTION, score_variants
+from grader.selfcheck import SOLUTION, score_variants, should_fail
 
 LESSONS = all_lessons()
 IDS = [l.slug for l in LESSONS]
@@ -123,9 +123,8 @@ def test_correct_answer_that_warns_keeps_full_marks(graded_class):
 @pytest.mark.parametrize("lesson", LESSONS, ids=IDS)
 def test_every_known_mistake_loses_exactly_its_points(lesson):
     cells = expected_cells(lesson)
-    loses = {m["name"]: set(m["loses"]) for m in lesson.mistakes}
     got = score_variants(lesson)
-    want = {name: {g: (0.0 if g in loses.get(name, ()) else p) for g, p in cells.items()}
+    want = {name: {g: (0.0 if g in should_fail(lesson, name) else p) for g, p in cells.items()}
             for name in got}
     assert len(got) == len(lesson.mistakes) + 2 and got[SOLUTION] == want[SOLUTION]
     assert got == want
