@@ -97,3 +97,31 @@ def greedy_reply(model, tokenizer, user: str, max_new_tokens: int = 32) -> str:
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def generate_chat_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 48,
+                          batch_size: int = 16, desc: str = "generate") -> list[str]:
+    """The model's greedy reply (special tokens dropped, stripped) to each conversation, in order.
+
+    ``conversations``: chat messages (``[{"role": ..., "content": ...}, ...]``) ending with the user's
+    turn. Batched with left padding; generation stops at the end-of-turn token or after
+    ``max_new_tokens``, so a rambling reply is cut there.
+    """
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    replies = []
+    try:
+        for start in tqdm(range(0, len(conversations), batch_size), desc=desc):
+            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                     for c in conversations[start:start + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]
+            replies += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return replies

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import json
 
-import torch
-from tqdm.auto import tqdm
-
 from .data import DATA_DIR, load_jsonl
+from .evaluation import generate_chat_replies
 
 NO_TOOL_REPLY = "No tool needed."
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -122,34 +120,9 @@ def sft_examples(rows: list[dict], catalogue: list[dict] = CATALOGUE) -> list[di
              "completion": [{"role": "assistant", "content": target_reply(r)}]} for r in rows]
 
 
-def prompt_text(tokenizer, request: str, catalogue: list[dict] = CATALOGUE) -> str:
-    """The chat-template text of ``messages(request)``, ending where the assistant's reply starts."""
-    return tokenizer.apply_chat_template(messages(request, catalogue), tokenize=False,
-                                         add_generation_prompt=True)
-
-
-@torch.no_grad()
 def generate_replies(model, tokenizer, requests: list[str], max_new_tokens: int = 48,
                      batch_size: int = 16, catalogue: list[dict] = CATALOGUE,
                      desc: str = "generate") -> list[str]:
-    """The model's greedy reply (special tokens dropped, stripped) to each request, in order.
-
-    Batched with left padding; generation stops at the end-of-turn token or after
-    ``max_new_tokens``, so a rambling reply is cut there.
-    """
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    replies = []
-    try:
-        for start in tqdm(range(0, len(requests), batch_size), desc=desc):
-            texts = [prompt_text(tokenizer, r, catalogue) for r in requests[start:start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]
-            replies += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
-    return replies
+    """The router's greedy reply to each request, in order (see ``evaluation.generate_chat_replies``)."""
+    return generate_chat_replies(model, tokenizer, [messages(r, catalogue) for r in requests],
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
