@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import load_reviews, sentiment_answer, sentiment_question
+from .data import batches, load_reviews, sentiment_answer, sentiment_question  # noqa: F401 (batches: lessons 2-3 chunk with it)
 from .evaluation import chat_prompt
 
 CAPTURE_FILE = "teacher_capture.jsonl"
@@ -88,8 +88,3 @@ def collate_capture(records: list[dict], pad_id: int) -> dict[str, torch.Tensor]
         topk_lp[b, :n] = torch.tensor(r["topk_logprobs"], dtype=torch.float32)
     batch.update(topk_ids=topk_ids, topk_logprobs=topk_lp)
     return batch
-
-
-def batches(items: list, batch_size: int) -> list[list]:
-    """Split ``items`` into consecutive chunks of ``batch_size`` (the last may be shorter)."""
-    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]

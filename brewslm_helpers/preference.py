@@ -20,7 +20,7 @@ import tempfile
 import torch
 from datasets import Dataset
 
-from .data import DATA_DIR, load_jsonl
+from .data import DATA_DIR, batches, load_jsonl  # noqa: F401 (batches: the notebook chunks pairs with it)
 
 SYSTEM = "You are BrewBot, the assistant of a coffee shop. Answer in one short sentence, using the card."
 KINDS = ("wrong", "refusal", "verbose")
@@ -68,14 +68,13 @@ def tokenize_pair(tokenizer, row: dict) -> dict:
     conversation adds after it (the reply, ``<|im_end|>`` and a newline). Where the template's tokens
     merge across the boundary, the prompt ends where the tokenizations diverge.
     """
+    from trl.data_utils import common_prefix_length
+
     prompt = _chat_ids(tokenizer, prompt_messages(row), add_generation_prompt=True)
     ex = preference_examples([row])[0]
     chosen = _chat_ids(tokenizer, ex["prompt"] + ex["chosen"])
     rejected = _chat_ids(tokenizer, ex["prompt"] + ex["rejected"])
-    cut = len(prompt)
-    for other in (chosen, rejected):
-        common = next((i for i, (a, b) in enumerate(zip(prompt, other)) if a != b), min(len(prompt), len(other)))
-        cut = min(cut, common)
+    cut = min(common_prefix_length(prompt, chosen), common_prefix_length(prompt, rejected))
     return {"prompt_ids": prompt[:cut], "chosen_ids": chosen[cut:], "rejected_ids": rejected[cut:]}
 
 
@@ -87,17 +86,11 @@ def collate_pairs(tokenizer, rows: list[dict]) -> dict[str, torch.Tensor]:
     return DataCollatorForPreference(pad_token_id=pad)([tokenize_pair(tokenizer, r) for r in rows])
 
 
-def pair_logits(model, batch: dict[str, torch.Tensor], grad: bool = False) -> torch.Tensor:
-    """The model's logits on a pair batch: ``(2B, T, V)`` float32."""
-    with torch.set_grad_enabled(grad):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     use_cache=False).logits.float()
-
-
-def batches(rows: list[dict], size: int):
-    """``rows`` in consecutive chunks of ``size`` (the last may be shorter)."""
-    for start in range(0, len(rows), size):
-        yield rows[start:start + size]
+@torch.no_grad()
+def pair_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits on a pair batch, without gradients: ``(2B, T, V)`` float32."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 use_cache=False).logits.float()
 
 
 # --- TRL's losses on our batch: what the exercises are checked against ---------------------------

@@ -8,6 +8,11 @@ DATA_DIR = Path(__file__).parent
 SENTIMENT_LABELS = ("positive", "negative")
 
 
+def batches(items: list, batch_size: int) -> list[list]:
+    """Split ``items`` into consecutive chunks of ``batch_size`` (the last may be shorter)."""
+    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+
 def load_jsonl(path: str | Path) -> list[dict]:
     """Read a JSON-lines file into a list of dicts."""
     with open(path) as f:

@@ -70,11 +70,12 @@ SIGNOFFS = ["I hope this helps, and have a wonderful day!",
 KINDS = ("wrong", "refusal", "verbose")
 
 
-def _card(rng: random.Random, drink: str, other: str) -> dict:
-    """Two drinks with different prices and sizes, and the opening hours."""
+def _card(rng: random.Random) -> dict:
+    """Prices and sizes of two drinks (the asked-about one, then the other; never equal), and the
+    opening hours."""
     prices = rng.sample(range(180, 560, 10), 2)
     sizes = rng.sample([60, 120, 180, 240, 300, 350, 400], 2)
-    return {"drink": drink, "other": other, "price": f"{prices[0] / 100:.2f} EUR",
+    return {"price": f"{prices[0] / 100:.2f} EUR",
             "other_price": f"{prices[1] / 100:.2f} EUR", "size": f"{sizes[0]} ml", "other_size": f"{sizes[1]} ml",
             "open": f"{rng.choice([6, 7, 8])}:{rng.choice(['00', '30'])}",
             "close": f"{rng.choice([16, 17, 18, 19, 20])}:{rng.choice(['00', '30'])}"}
@@ -85,7 +86,7 @@ WRONG_FIELD = {"price": "other_price", "size": "other_size", "open": "close", "c
 
 def _pair(rng: random.Random, drinks: list[str], kind: str, held_out: bool) -> dict:
     drink, other = rng.sample(drinks, 2)
-    card = _card(rng, drink, other)
+    card = _card(rng)
     field = rng.choice(list(QUESTIONS))
     pick = (lambda xs: xs[-1]) if held_out else (lambda xs: rng.choice(xs[:-1]))
     question = pick(QUESTIONS[field]).format(drink=drink)
