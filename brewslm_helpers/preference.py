@@ -20,7 +20,7 @@ import tempfile
 import torch
 from datasets import Dataset
 
-from .data import DATA_DIR, batches, load_jsonl  # noqa: F401 (batches: the notebook chunks pairs with it)
+from .data import batches, load_split  # noqa: F401 (batches: the notebook chunks pairs with it)
 
 SYSTEM = "You are BrewBot, the assistant of a coffee shop. Answer in one short sentence, using the card."
 KINDS = ("wrong", "refusal", "verbose")
@@ -36,11 +36,7 @@ def load_preference_data(split: str, n: int | None = None) -> list[dict]:
     (the files are shuffled). Each row: ``{"id", "kind", "field", "user", "answer", "chosen",
     "rejected"}`` (all str).
     """
-    path = DATA_DIR / f"preference_{split}.jsonl"
-    if not path.exists():
-        raise ValueError(f"unknown preference split {split!r}: use 'train' or 'test'")
-    rows = load_jsonl(path)
-    return rows[:n] if n is not None else rows
+    return load_split("preference", split, n, ("train", "test"))
 
 
 def prompt_messages(row: dict) -> list[dict]:

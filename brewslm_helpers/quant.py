@@ -173,7 +173,6 @@ def gguf_tensor_f32(path: str | Path, name: str) -> np.ndarray:
 
 def gguf_tensor_bytes(path: str | Path, name: str) -> tuple[np.ndarray, str]:
     """The raw bytes (``uint8``, flattened) and type name of one tensor of a GGUF file."""
-    import gguf
     reader = gguf_reader(path)
     for t in reader.tensors:
         if t.name == name:

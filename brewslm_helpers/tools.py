@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 
-from .data import DATA_DIR, load_jsonl
+from .data import load_split
 from .evaluation import generate_chat_replies
 
 NO_TOOL_REPLY = "No tool needed."
@@ -106,11 +106,7 @@ def load_tool_data(split: str, n: int | None = None) -> list[dict]:
     first ``n`` rows (the files are shuffled). Each row: ``{"id": str, "request": str,
     "call": {"name": str, "arguments": dict} | None}``.
     """
-    path = DATA_DIR / f"tool_{split}.jsonl"
-    if not path.exists():
-        raise ValueError(f"unknown tool split {split!r}: use 'train' or 'test'")
-    rows = load_jsonl(path)
-    return rows[:n] if n is not None else rows
+    return load_split("tool", split, n, ("train", "test"))
 
 
 def sft_examples(rows: list[dict], catalogue: list[dict] = CATALOGUE) -> list[dict]:

@@ -1,4 +1,8 @@
-"""The lesson catalogue: which lessons exist, where their notebooks are, how to name them."""
+"""The lesson catalogue: which lessons exist, where their sources and notebooks are, how to name them.
+
+A lesson's only source is ``solutions/NN_slug.py`` (jupytext percent format, see
+:mod:`grader.plaintext`); the instructor notebook nbgrader needs, ``solutions/NN_slug.ipynb``, is
+built from it on demand (ignored by git) and read through :attr:`Lesson.solution`."""
 from __future__ import annotations
 
 import json
@@ -26,8 +30,19 @@ class Lesson:
         return int(self.slug[:2])
 
     @property
+    def source(self) -> Path:
+        """The lesson's source of truth, ``solutions/NN_slug.py`` (jupytext percent format)."""
+        return SOLUTIONS / f"{self.slug}.py"
+
+    @property
     def solution(self) -> Path:
-        return SOLUTIONS / f"{self.slug}.ipynb"
+        """The instructor notebook (nbgrader markup), built from :attr:`source` if it changed."""
+        path = SOLUTIONS / f"{self.slug}.ipynb"
+        if not self.source.exists():
+            return path  # no text source: whatever notebook is there (read_notebook says if none)
+        from .plaintext import built
+
+        return built(self.source, path)
 
     @property
     def release(self) -> Path:
@@ -41,14 +56,14 @@ class Lesson:
 
 
 def all_lessons() -> list[Lesson]:
-    """Every lesson that has a solution notebook, in order."""
-    return [Lesson(p.stem) for p in sorted(SOLUTIONS.glob("[0-9][0-9]_*.ipynb"))]
+    """Every lesson that has a text source ``solutions/NN_slug.py``, in order."""
+    return [Lesson(p.stem) for p in sorted(SOLUTIONS.glob("[0-9][0-9]_*.py"))]
 
 
 def find_lesson(name: str) -> Lesson:
     """Resolve ``"3"``, ``"03"``, ``"03_kd_loss"`` or ``"kd_loss"`` to a lesson, or fail clearly."""
     lessons = all_lessons()
-    key = name.strip().removesuffix(".ipynb")
+    key = name.strip().removesuffix(".ipynb").removesuffix(".py")
     for lesson in lessons:
         if key in (lesson.slug, lesson.slug[3:]) or (key.isdigit() and int(key) == lesson.number):
             return lesson

@@ -8,7 +8,7 @@ from pathlib import Path
 from brewslm_helpers.budget import resolve
 from brewslm_helpers.paths import cache_dir
 
-from .lessons import CourseError, Lesson
+from .lessons import Lesson
 from .notebooks import read_notebook
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 

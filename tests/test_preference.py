@@ -67,7 +67,8 @@ def test_load_and_examples():
     with pytest.raises(ValueError, match="unknown preference split"):
         preference.load_preference_data("dev")
     (ex,) = preference.preference_examples(TEST[:1])
-    assert ex["prompt"] == [{"role": "system", "content": preference.SYSTEM}, {"role": "user", "content": TEST[0]["user"]}]
+    assert ex["prompt"] == [{"role": "system", "content": preference.SYSTEM},
+                            {"role": "user", "content": TEST[0]["user"]}]
     assert ex["chosen"] == [{"role": "assistant", "content": TEST[0]["chosen"]}]
     assert ex["rejected"] == [{"role": "assistant", "content": TEST[0]["rejected"]}]
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from brewslm_helpers import models, speculative
+from brewslm_helpers import speculative
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,8 @@ def test_configure_assistant_pins_k(tok):
         draft = speculative.noisy_copy(target, 0.5, seed=1)
         speculative.configure_assistant(draft, 3)
         cfg = draft.generation_config
-        assert (cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold) == (3, "constant", 0.0)
+        assert (cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule,
+                cfg.assistant_confidence_threshold) == (3, "constant", 0.0)
         prompt = torch.tensor([[1, 5, 7, 3, 9]])
         plain = target.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
         assisted = target.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
@@ -63,7 +64,8 @@ def test_cut_draft_keeps_first_layers_and_head(tiny_teacher):
     draft = speculative.cut_draft(tiny_teacher, 1)
     assert draft.config.num_hidden_layers == 1
     assert torch.equal(draft.lm_head.weight, tiny_teacher.lm_head.weight)
-    assert torch.equal(draft.model.layers[0].self_attn.q_proj.weight, tiny_teacher.model.layers[0].self_attn.q_proj.weight)
+    q_proj = tiny_teacher.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(draft.model.layers[0].self_attn.q_proj.weight, q_proj)
 
 
 def test_chat_ids_ends_where_the_reply_starts(tok):

@@ -19,6 +19,15 @@ def load_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def load_split(name: str, split: str, n: int | None, splits: tuple[str, ...]) -> list[dict]:
+    """The rows of the shipped ``<name>_<split>.jsonl`` (the first ``n`` if given); a ``ValueError``
+    naming the known ``splits`` for any other split."""
+    if split not in splits:
+        raise ValueError(f"unknown {name} split {split!r}: use " + " or ".join(map(repr, splits)))
+    rows = load_jsonl(DATA_DIR / f"{name}_{split}.jsonl")
+    return rows[:n] if n is not None else rows
+
+
 def load_reviews(split: str, n: int | None = None) -> list[dict]:
     """Coffee-shop reviews with a sentiment label.
 
@@ -27,11 +36,7 @@ def load_reviews(split: str, n: int | None = None) -> list[dict]:
     first ``n`` rows (the files are shuffled, so any prefix is roughly balanced).
     Each row: ``{"id": str, "text": str, "label": "positive" | "negative"}``.
     """
-    path = DATA_DIR / f"reviews_{split}.jsonl"
-    if not path.exists():
-        raise ValueError(f"unknown reviews split {split!r}: use 'gold' or 'train'")
-    rows = load_jsonl(path)
-    return rows[:n] if n is not None else rows
+    return load_split("reviews", split, n, ("gold", "train"))
 
 
 def sentiment_question(text: str) -> str:

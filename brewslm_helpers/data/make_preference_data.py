@@ -19,7 +19,7 @@ Files, built from templates with a fixed seed (reproducible byte for byte):
 Record schema (one JSON object per line)::
 
     {"id": "test-0007", "kind": "wrong", "field": "price",
-     "user": "Card: iced latte 4.10 EUR, 350 ml; affogato 3.60 EUR, 120 ml. Open 7:30 to 18:00.\\nQuestion: How much is the iced latte?",
+     "user": "Card: iced latte 4.10 EUR, 350 ml; affogato 3.60 EUR, 120 ml. …\\nQuestion: How much is the iced latte?",
      "answer": "4.10 EUR",
      "chosen": "The iced latte costs 4.10 EUR.", "rejected": "The iced latte costs 3.60 EUR."}
 

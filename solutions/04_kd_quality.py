@@ -1,0 +1,672 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown] id="intro"
+# # Lesson 4 — Knowledge distillation III: did it work?
+#
+# Lesson 2 ran the teacher (SmolLM2-135M-Instruct) once and captured its soft predictions; lesson 3
+# trained two small students that share its tokenizer, one **with** the teacher's soft targets (KD)
+# and one on the hard labels only (CE-only). Every distillation project ends on the same question:
+#
+# > *Is the student good enough to ship instead of the teacher — and how sure are we?*
+#
+# "The KD student scored 0.79" is not an answer. An answer says **how much of the teacher's quality
+# the student keeps**, **how precisely the eval measured that**, and **what we get in return**
+# (size, speed), and then applies a decision rule that was written down *before* looking at the
+# numbers.
+#
+# **You will build**
+#
+# 1. `quality_retained(student_score, teacher_score)`: the headline ratio, with the edge cases that
+#    make it lie;
+# 2. `paired_bootstrap_ci(student_correct, teacher_correct, ...)`: a confidence interval for that
+#    ratio, resampling gold examples *paired* across the two models;
+# 3. `ship_decision(candidate, policy)`: ship or not, with a reason for every failed criterion.
+#
+# **You will measure**, on the real teacher and the two students, on **one** gold set: accuracy,
+# parameters, decode tokens/s, quality retained with its 95 % interval, a size/speed-vs-quality
+# frontier plot, and the ship decision under two example policies.
+
+# %% id="parameters" tags=["parameters"]
+import os
+BUDGET = os.environ.get("BREWSLM_BUDGET", "full")
+
+# %% id="setup" nbgrader={"grade": false, "grade_id": "setup", "locked": true, "schema_version": 3, "solution": false, "task": false}
+import math
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import scipy.stats
+import torch
+
+from brewslm_helpers import budget, data, evaluation, models, plots, report, students, timing
+
+torch.manual_seed(0)
+CFG = budget.pick(
+    BUDGET,
+    ci={"gold_rows": 24, "new_tokens": 8, "timing_reps": 1, "n_boot": 1000},
+    full={"gold_rows": 120, "new_tokens": 48, "timing_reps": 3, "n_boot": 2000},
+)
+print(f"budget {BUDGET!r}: {CFG}")
+
+
+# %% [markdown] id="md-retained"
+# ## 1. Quality retained: one number for "how much did we keep?"
+#
+# The distillation literature reports students as a fraction of their teacher: DistilBERT "retains
+# 97 % of BERT's language understanding while being 40 % smaller and 60 % faster". The number is
+#
+# $$\text{quality retained} = \frac{\text{student score}}{\text{teacher score}}$$
+#
+# with both scores measured **on the same eval, by the same scorer**. That last clause does all the
+# work: a student scored on an easier set, or with a more forgiving answer parser, "retains" whatever
+# you like. Here both come from `evaluation.score_sentiment` (choice log-likelihood, no sampling) on
+# the same gold rows.
+#
+# Why a ratio rather than a difference? It reads the same across tasks of different difficulty
+# ("keeps 95 %") and it composes with the other ratios of the trade (params ratio, speedup).
+#
+# **The edge cases are where the ratio lies**, so the function must refuse them loudly:
+#
+# * `teacher_score == 0`: the ratio is undefined. Nothing can be "retained" from nothing.
+# * `NaN`: an eval that crashed or divided 0 by 0 upstream. It must not turn into a number
+#   silently, and beware: *every* comparison with NaN is `False`, so `if score < 0 or score > 1:
+#   raise` happily lets a NaN through. Test for it explicitly (`math.isnan`).
+# * a score outside `[0, 1]`: almost always a unit bug (a percentage, 92 instead of 0.92, or a loss
+#   passed where an accuracy was expected).
+# * a ratio **above 1 is legal**: a student can beat its teacher on a given eval (the hard labels
+#   correct some of the teacher's mistakes; or, on a small gold set, luck). Do not clip it to 1:
+#   that hides exactly the information the next section quantifies.
+#
+# *Honest caveat.* For a two-way classification, chance is 0.5, so a student that knows nothing
+# still "retains" 0.5 / 0.92 = 54 % of the teacher. The ratio is only meaningful when the teacher is
+# well above chance, and it is worth also reading the *skill above chance*,
+# (student − 0.5) / (teacher − 0.5), which we print in the measurements.
+
+# %% id="ex-quality-retained" nbgrader={"grade": false, "grade_id": "ex_quality_retained", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def quality_retained(student_score: float, teacher_score: float) -> float:
+    """Fraction of the teacher's quality the student keeps: student_score / teacher_score.
+
+    student_score, teacher_score: scores in [0, 1] (e.g. accuracies) measured on the SAME eval;
+        plain floats or numpy scalars.
+    Returns a Python float; it may exceed 1 (the student beat the teacher on this eval).
+    Raises ValueError, with a message naming the offending argument ("student_score" or
+    "teacher_score"), if either score is NaN or outside [0, 1], or if teacher_score is 0.
+    """
+    ### BEGIN SOLUTION
+    for name, value in (("student_score", student_score), ("teacher_score", teacher_score)):
+        value = float(value)
+        if math.isnan(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be a score in [0, 1], got {value!r}")
+    if float(teacher_score) <= 0.0:
+        raise ValueError("teacher_score is 0: quality retained is undefined for a teacher that "
+                         "gets nothing right")
+    return float(student_score) / float(teacher_score)
+    ### END SOLUTION
+
+
+# %% id="test-quality-retained" nbgrader={"grade": true, "grade_id": "test_quality_retained", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
+def _raises_value_error(fn, *args):
+    try:
+        fn(*args)
+    except ValueError as err:
+        return str(err)
+    raise AssertionError(f"{fn.__name__}{args} should raise ValueError")
+
+
+assert math.isclose(quality_retained(0.6, 0.8), 0.75, rel_tol=1e-12)
+assert math.isclose(quality_retained(0.9, 0.8), 1.125, rel_tol=1e-12), "a ratio above 1 is legal: do not clip"
+assert quality_retained(0.0, 0.5) == 0.0
+out = quality_retained(np.float64(0.46), np.float64(0.92))
+assert type(out) is float and math.isclose(out, 0.5, rel_tol=1e-12)
+_raises_value_error(quality_retained, 0.5, 0.0)
+_raises_value_error(quality_retained, 0.5, float("nan"))
+print("visible tests passed")
+
+### BEGIN HIDDEN TESTS
+assert quality_retained(1.0, 1.0) == 1.0
+assert math.isclose(quality_retained(0.45, 0.9), 0.5, rel_tol=1e-12)
+assert math.isclose(quality_retained(1.0, 0.5), 2.0, rel_tol=1e-12)
+assert "teacher_score" in _raises_value_error(quality_retained, 0.5, float("nan"))
+assert "teacher_score" in _raises_value_error(quality_retained, 0.5, 0.0)
+assert "student_score" in _raises_value_error(quality_retained, float("nan"), 0.9)
+assert "student_score" in _raises_value_error(quality_retained, np.float64("nan"), 0.9)
+assert "student_score" in _raises_value_error(quality_retained, 1.2, 0.9)
+assert "student_score" in _raises_value_error(quality_retained, -0.1, 0.9)
+assert "teacher_score" in _raises_value_error(quality_retained, 0.5, 92.0)
+assert "teacher_score" in _raises_value_error(quality_retained, 0.5, -0.3)
+_ = _raises_value_error(quality_retained, 0.0, 0.0)
+_ = _raises_value_error(quality_retained, float("nan"), float("nan"))
+### END HIDDEN TESTS
+
+# %% [markdown] id="md-bootstrap"
+# ## 2. How sure are we? A paired bootstrap interval
+#
+# The gold set has 120 reviews (24 at `ci` budget). One review flipping from wrong to right moves an
+# accuracy by 0.8 points (4 points at `ci`), so a ratio like 0.86 could easily have been 0.82 or 0.90
+# on another 120 reviews from the same distribution. Before any decision rests on it, put an interval
+# around it.
+#
+# **The bootstrap** (Efron, 1979) treats the gold set as a stand-in for the population: draw $n$
+# examples *with replacement* from the $n$ we have, recompute the statistic, repeat $B$ times. The
+# spread of the $B$ replicates estimates the sampling spread of the statistic; the **percentile
+# interval** takes their $\alpha/2$ and $1-\alpha/2$ quantiles, $\alpha = 1 - \text{confidence}$.
+#
+# **Why paired.** Both models answered the *same* reviews, and reviews differ in difficulty: on an
+# easy one both are right, on a sarcastic one both may be wrong. Their per-example correctness is
+# correlated, and that correlation makes the *ratio* far more stable than either accuracy alone. A
+# resample must therefore keep each example's pair of outcomes together: **one set of indices per
+# replicate, used for both models**:
+#
+# $$ i^{(b)}_1, \dots, i^{(b)}_n \sim \mathcal{U}\{0, \dots, n-1\}, \qquad
+#    r^{(b)} = \frac{\tfrac1n \sum_j s_{i^{(b)}_j}}{\tfrac1n \sum_j t_{i^{(b)}_j}}, \qquad b = 1..B $$
+#
+# Resampling the two vectors *independently* answers a different question (two models evaluated on
+# two different random test sets) and gives a much wider interval; we measure how much wider below.
+# A quick sanity check of pairing: a model compared with itself gives a ratio of exactly 1 in every
+# paired resample, so its interval is exactly (1, 1, 1).
+#
+# **Details that matter**
+#
+# * The point estimate is the statistic on the **original** data, mean(s) / mean(t), not the mean
+#   of the bootstrap replicates.
+# * Draw all indices in one call, `rng.integers(0, n, size=(n_boot, n))` with
+#   `rng = np.random.default_rng(seed)`: fancy indexing `s[idx]` is then `[n_boot, n]`, and the
+#   whole thing is vectorised and reproducible per seed.
+# * The reference implementation is `scipy.stats.bootstrap(..., paired=True, method="percentile")`;
+#   the tests compare with it (its random draws differ, so within a Monte-Carlo tolerance).
+#
+# **Honest caveats.** The percentile interval is approximate for small $n$ and skewed statistics
+# (scipy's default, BCa, corrects for bias and skew). It covers only the *sampling of gold
+# examples*: train the student again with another seed and the number moves too, often by more than
+# this interval, and no amount of resampling the gold set can tell you that. And a resample in which
+# the teacher gets nothing right makes the ratio undefined (impossible in practice with a teacher at
+# ~0.9; we only require that the teacher gets at least one example right).
+
+# %% id="ex-bootstrap" nbgrader={"grade": false, "grade_id": "ex_paired_bootstrap_ci", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def paired_bootstrap_ci(student_correct, teacher_correct, n_boot: int = 2000,
+                        confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Percentile bootstrap interval for mean(student_correct) / mean(teacher_correct).
+
+    student_correct, teacher_correct: 1-D arrays (bool or 0/1) of the same length n; entry i
+        says whether each model got gold example i right (same examples, same order).
+    n_boot: number of resamples B. confidence: e.g. 0.95 for a 95 % interval.
+    seed: for np.random.default_rng(seed); the same seed gives the same interval.
+
+    Each resample draws n example indices with replacement (one [n] row of
+    rng.integers(0, n, size=(n_boot, n))) and uses THE SAME indices for both models (paired).
+    Returns (point, low, high) as Python floats: point = mean(student) / mean(teacher) on the
+    original data; low, high = the (1 - confidence) / 2 and 1 - (1 - confidence) / 2 quantiles
+    (np.quantile, default linear interpolation) of the B resampled ratios.
+    Raises ValueError if the arrays are empty, not 1-D or of different lengths, or if the teacher
+    got no example right.
+    """
+    ### BEGIN SOLUTION
+    s = np.asarray(student_correct, dtype=float)
+    t = np.asarray(teacher_correct, dtype=float)
+    if s.ndim != 1 or s.shape != t.shape or s.size == 0:
+        raise ValueError(f"need two non-empty 1-D arrays of the same length, got shapes "
+                         f"{s.shape} and {t.shape}")
+    if t.sum() <= 0:
+        raise ValueError("the teacher got no example right: the ratio is undefined")
+    n = s.size
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))  # one row of example indices per resample
+    s_idx, t_idx = idx, idx  # paired: both models are resampled on the same examples
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = s[s_idx].mean(axis=1) / t[t_idx].mean(axis=1)
+    tail = (1.0 - confidence) / 2
+    low, high = np.quantile(ratios, [tail, 1.0 - tail])
+    point = s.mean() / t.mean()
+    return float(point), float(low), float(high)
+    ### END SOLUTION
+
+
+# %% id="test-bootstrap" nbgrader={"grade": true, "grade_id": "test_paired_bootstrap_ci", "locked": true, "points": 4, "schema_version": 3, "solution": false, "task": false}
+_rng = np.random.default_rng(1)
+_teacher = _rng.random(200) < 0.9                      # a strong teacher
+_student = _teacher & (_rng.random(200) < 0.85)          # mostly right where the teacher is right
+_student |= ~_teacher & (_rng.random(200) < 0.3)         # ... and sometimes where it is not
+
+# a model against itself: every paired resample gives exactly 1
+assert paired_bootstrap_ci(_teacher, _teacher, n_boot=500) == (1.0, 1.0, 1.0)
+
+point, low, high = paired_bootstrap_ci(_student, _teacher, n_boot=1000, seed=0)
+assert all(type(v) is float for v in (point, low, high))
+assert math.isclose(point, _student.mean() / _teacher.mean(), rel_tol=1e-12), "point = ratio on the original data"
+assert low <= point <= high and high - low > 0.02
+assert paired_bootstrap_ci(_student, _teacher, n_boot=1000, seed=0) == (point, low, high), "deterministic per seed"
+assert paired_bootstrap_ci(_student, _teacher, n_boot=1000, seed=1) != (point, low, high)
+
+# four times the data: the interval narrows (roughly by half)
+_, low4, high4 = paired_bootstrap_ci(np.tile(_student, 4), np.tile(_teacher, 4), n_boot=1000, seed=0)
+assert high4 - low4 < 0.7 * (high - low)
+print(f"ratio {point:.3f}, 95% CI [{low:.3f}, {high:.3f}]; with 4x the data [{low4:.3f}, {high4:.3f}]")
+print("visible tests passed")
+
+### BEGIN HIDDEN TESTS
+def _scipy_ci(s, t, confidence, n_resamples=4000):
+    res = scipy.stats.bootstrap(
+        (np.asarray(s, float), np.asarray(t, float)),
+        lambda a, b, axis=-1: a.mean(axis=axis) / b.mean(axis=axis),
+        paired=True, vectorized=True, method="percentile", n_resamples=n_resamples,
+        confidence_level=confidence, random_state=0)
+    return res.confidence_interval.low, res.confidence_interval.high
+
+
+# against scipy's paired percentile bootstrap (different random draws: Monte-Carlo tolerance)
+for conf in (0.95, 0.8, 0.5):
+    ref_low, ref_high = _scipy_ci(_student, _teacher, conf)
+    _, low, high = paired_bootstrap_ci(_student, _teacher, n_boot=4000, confidence=conf, seed=0)
+    assert abs(low - ref_low) < 0.006 and abs(high - ref_high) < 0.006, (conf, low, high, ref_low, ref_high)
+    assert low < high, conf
+
+# a small gold set (40 rows): the point is still the plain ratio, the interval is wider
+_t40, _s40 = _teacher[:40], _student[:40]
+p40, low, high = paired_bootstrap_ci(_s40, _t40, n_boot=2000, confidence=0.9, seed=3)
+assert math.isclose(p40, _s40.mean() / _t40.mean(), rel_tol=1e-12)
+assert low <= p40 <= high
+
+# 0/1 integer lists work like bools; a student better than its teacher gives a ratio > 1
+_pt, _ps = [1, 0, 1, 1, 0, 1, 0, 1], [1, 1, 1, 1, 0, 1, 1, 1]
+p, low, high = paired_bootstrap_ci(_ps, _pt, n_boot=300, seed=0)
+assert math.isclose(p, 7 / 5) and low <= p <= high
+assert paired_bootstrap_ci(_ps, _ps, n_boot=300, seed=5) == (1.0, 1.0, 1.0)
+
+for bad in (([], []), ([1, 0], [1, 0, 1]), ([1, 1], [0, 0]), (np.ones((3, 2)), np.ones((3, 2)))):
+    try:
+        paired_bootstrap_ci(*bad, n_boot=10)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError(f"paired_bootstrap_ci{bad} should raise ValueError")
+### END HIDDEN TESTS
+
+# %% [markdown] id="md-ship"
+# ## 3. Ship or not: a decision from a written policy
+#
+# A ship decision is only honest if its rule was fixed *before* the numbers came in; otherwise the
+# threshold quietly moves to wherever the student landed. So the rule is data, a **policy**, and the
+# decision is a function of (candidate, policy):
+#
+# | criterion | policy key | passes when |
+# |---|---|---|
+# | quality | `min_retained` | the **lower bound** of the quality-retained interval ≥ `min_retained` |
+# | size | `max_params_ratio` | student params / teacher params ≤ `max_params_ratio` |
+# | speed | `min_speedup` | student decode tokens/s / teacher decode tokens/s ≥ `min_speedup` |
+#
+# **Why the lower bound, not the point estimate.** A student whose true retained quality sits exactly
+# at the threshold passes a point-estimate rule about half the time, on noise alone. Applying the
+# threshold to the interval's lower bound puts the burden of proof on the student: ship only if the
+# eval shows, with the stated confidence, that it keeps at least `min_retained`. The flip side is the
+# honest caveat: with a small gold set the interval is wide and *nothing* ships. That is the eval
+# telling you it is too small to decide, not a verdict on the student; the fix is more gold
+# examples, not a lower bar.
+#
+# **Reasons.** "No" is not actionable. Return one reason per failed criterion (all of them, not just
+# the first), each starting with the policy key, so a dashboard can group them and an engineer knows
+# whether to train longer (quality), cut more (size) or fix the serving stack (speed).
+
+# %% id="ex-ship" nbgrader={"grade": false, "grade_id": "ex_ship_decision", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def ship_decision(candidate: dict, policy: dict) -> tuple[bool, list[str]]:
+    """Decide whether to ship a distilled student, and say why not.
+
+    candidate: {"retained": point estimate of quality retained,
+                "retained_low": lower bound of its confidence interval,
+                "params_ratio": student params / teacher params,
+                "speedup": student decode tokens/s / teacher decode tokens/s}  (floats; other keys ignored)
+    policy: {"min_retained": float, "max_params_ratio": float, "min_speedup": float}
+
+    Criteria (a value equal to its threshold passes): retained_low >= min_retained,
+    params_ratio <= max_params_ratio, speedup >= min_speedup.
+    Returns (ship, reasons): ship is a bool, True iff every criterion passes; reasons is a list
+    with one string per FAILED criterion, in the order above, each starting with the policy key
+    and a colon, e.g. "min_speedup: speedup 1.40x < 2.00x". Empty when ship is True.
+    """
+    ### BEGIN SOLUTION
+    reasons = []
+    low = candidate["retained_low"]
+    if low < policy["min_retained"]:
+        reasons.append(f"min_retained: quality retained is only >= {low:.3f} (CI lower bound), "
+                       f"policy needs {policy['min_retained']:.3f}")
+    if candidate["params_ratio"] > policy["max_params_ratio"]:
+        reasons.append(f"max_params_ratio: params ratio {candidate['params_ratio']:.3f} > "
+                       f"{policy['max_params_ratio']:.3f}")
+    if candidate["speedup"] < policy["min_speedup"]:
+        reasons.append(f"min_speedup: speedup {candidate['speedup']:.2f}x < "
+                       f"{policy['min_speedup']:.2f}x")
+    return len(reasons) == 0, reasons
+    ### END SOLUTION
+
+
+# %% id="test-ship" nbgrader={"grade": true, "grade_id": "test_ship_decision", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false}
+_policy = {"min_retained": 0.90, "max_params_ratio": 0.30, "min_speedup": 2.0}
+_good = {"retained": 0.97, "retained_low": 0.93, "params_ratio": 0.24, "speedup": 3.1}
+
+
+def _keys(reasons):
+    assert all(isinstance(r, str) and ":" in r for r in reasons), reasons
+    return [r.split(":")[0].strip() for r in reasons]
+
+
+ok, reasons = ship_decision(_good, _policy)
+assert ok is True and reasons == []
+
+# the point estimate clears the bar, the interval's lower bound does not: do not ship
+ok, reasons = ship_decision(dict(_good, retained=0.95, retained_low=0.85), _policy)
+assert ok is False and _keys(reasons) == ["min_retained"], reasons
+
+# every failed criterion is named, in order
+ok, reasons = ship_decision({"retained": 0.7, "retained_low": 0.6, "params_ratio": 0.5, "speedup": 1.2}, _policy)
+assert ok is False and _keys(reasons) == ["min_retained", "max_params_ratio", "min_speedup"], reasons
+print("visible tests passed")
+
+### BEGIN HIDDEN TESTS
+# thresholds themselves pass
+ok, reasons = ship_decision({"retained": 0.95, "retained_low": 0.90, "params_ratio": 0.30, "speedup": 2.0}, _policy)
+assert ok is True and reasons == [], reasons
+# each criterion alone
+ok, reasons = ship_decision(dict(_good, params_ratio=0.31), _policy)
+assert ok is False and _keys(reasons) == ["max_params_ratio"]
+ok, reasons = ship_decision(dict(_good, speedup=1.99), _policy)
+assert ok is False and _keys(reasons) == ["min_speedup"]
+ok, reasons = ship_decision(dict(_good, retained_low=0.8999), _policy)
+assert ok is False and _keys(reasons) == ["min_retained"]
+# quality and size fail, speed passes
+ok, reasons = ship_decision(dict(_good, retained_low=0.5, params_ratio=0.9), _policy)
+assert _keys(reasons) == ["min_retained", "max_params_ratio"], reasons
+# a point estimate below the bar with a (nonsensically) high lower bound still ships: only the bound counts
+ok, reasons = ship_decision(dict(_good, retained=0.5, retained_low=0.95, name="x"), _policy)
+assert ok is True and reasons == []
+# a lenient policy
+ok, reasons = ship_decision({"retained": 0.8, "retained_low": 0.7, "params_ratio": 0.24, "speedup": 3.0},
+                            {"min_retained": 0.7, "max_params_ratio": 1.0, "min_speedup": 1.0})
+assert ok is True and reasons == []
+### END HIDDEN TESTS
+
+# %% [markdown] id="md-measure"
+# ## 4. Measure: teacher vs KD student vs CE-only student, on one gold set
+#
+# Now the real thing. Everything below is computed in this run, on the same gold rows (all 120 at
+# `full` budget, the first 24 at `ci`), with the same scorer: the log-likelihood of "This review is
+# positive" vs "... negative" as the assistant's reply (`evaluation.score_sentiment`), so no answer
+# parsing can favour one model.
+#
+# First the teacher. **Read its score before anything else**: quality retained is only meaningful if
+# the teacher is good at the task. A teacher at chance (0.5) would make any student "retain ~100 %".
+
+# %% id="teacher"
+teacher, tok = models.load_teacher()
+gold = data.load_reviews("gold", CFG["gold_rows"])
+t0 = time.perf_counter()
+teacher_eval = evaluation.score_sentiment(teacher, tok, gold, progress=True)
+teacher_acc = teacher_eval["accuracy"]
+print("=" * 64)
+print(f"  TEACHER (SmolLM2-135M-Instruct) gold accuracy: {teacher_acc:.3f}"
+      f"  ({int(teacher_eval['correct'].sum())}/{len(gold)} rows, {time.perf_counter() - t0:.1f} s)")
+print("=" * 64)
+if teacher_acc < 0.7:
+    print("WARNING: the teacher is close to chance (0.5) here; quality retained means little.")
+
+# %% [markdown] id="md-students"
+# Next the two students. Lesson 3 saved them in `artifact_dir(BUDGET)`; if they are not there (a
+# fresh clone, or lesson 3 not run at this budget), `students.load_or_train_students` recreates the
+# pair with the field's library instead of lesson 3's graded code: both start from the same
+# layer-cut copy of the teacher (embeddings + decoder layer 0 + final norm, 23.7 % of its
+# parameters), see the same batches for the same number of steps, and differ only in the loss:
+# plain cross-entropy, or `0.5·CE + 0.5·T²·KL(teacher_T ‖ student_T)` with TRL's
+# `GKDTrainer.generalized_jsd_loss(beta=0)` on live teacher logits, both on the assistant's reply
+# tokens (a handful of steps at `ci`, 60 steps of 8 reviews at `full`). The cell says which path it
+# took and shows the training metadata that came with the students.
+
+# %% id="students"
+pair = students.load_or_train_students(BUDGET, teacher=teacher, tokenizer=tok)
+print("students:", pair.describe())
+meta_keys = ["steps", "batch_size", "lr", "alpha", "T", "k", "teacher_layers", "final_train_loss",
+             "gold_accuracy", "loss"]
+meta_table = pd.DataFrame.from_dict(
+    {name: {k: pair.meta[name].get(k, "") for k in meta_keys} for name in pair.meta}, orient="index")
+with pd.option_context("display.max_colwidth", 90):
+    display(meta_table)
+
+# %% id="score-students"
+MODELS = {"teacher": teacher, "KD student": pair.models["kd_student"],
+          "CE-only student": pair.models["ce_student"]}
+evals = {"teacher": teacher_eval}
+for name in ("KD student", "CE-only student"):
+    t0 = time.perf_counter()
+    evals[name] = evaluation.score_sentiment(MODELS[name], tok, gold)
+    print(f"{name:>16}: gold accuracy {evals[name]['accuracy']:.3f} ({time.perf_counter() - t0:.1f} s)")
+params = {name: m.num_parameters() for name, m in MODELS.items()}
+for name, p in params.items():
+    print(f"{name:>16}: {p / 1e6:7.2f} M parameters ({p / params['teacher']:.1%} of the teacher)")
+
+# %% [markdown] id="md-speed"
+# **Speed.** The same prompt (the first gold review) and the same number of new tokens for every
+# model, greedy, with the KV cache (`timing.timed_generate`). We report **decode** tokens/s: the
+# tokens after the first, divided by the time between the first and the last, so the prompt's prefill
+# does not blur the per-token cost. Each model gets a short warm-up generation first, and at `full`
+# budget we take the median of three runs (the machine is shared; single timings are noisy).
+#
+# What to expect is less obvious than the parameter ratio suggests. Per token, the student does
+# about a quarter of the teacher's multiply-adds, and most of those are the teacher's full
+# 49,152 × 576 output projection (28 M of its 32 M parameters), which it kept. At batch size 1 on a
+# CPU, though, each of the teacher's 30 layers also costs a fixed overhead (a dozen small kernel
+# calls), which the 1-layer student mostly avoids, while `generate`'s own per-step bookkeeping does
+# not shrink at all. The speedup can land above or below the 4.2× of the parameter ratio: measure,
+# don't assume.
+
+# %% id="timing"
+prompt_ids = tok(evaluation.sentiment_prompt(tok, gold[0]["text"]), return_tensors="pt",
+                 add_special_tokens=False)["input_ids"]
+
+
+def decode_tokens_per_s(model, new_tokens: int, reps: int) -> float:
+    """Median decode tokens/s of greedy generation of exactly ``new_tokens`` tokens."""
+    timing.timed_generate(model, prompt_ids, 2)  # warm-up
+    rates = []
+    for _ in range(reps):
+        _, _, times = timing.timed_generate(model, prompt_ids, new_tokens)
+        rates.append((len(times) - 1) / (times[-1] - times[0]))
+    return float(np.median(rates))
+
+
+speed = {name: decode_tokens_per_s(m, CFG["new_tokens"], CFG["timing_reps"]) for name, m in MODELS.items()}
+for name, s in speed.items():
+    print(f"{name:>16}: {s:6.1f} decode tokens/s  (speedup {s / speed['teacher']:.2f}x)")
+
+
+# %% [markdown] id="md-retained-measured"
+# **Quality retained, with its interval.** Your `quality_retained` and `paired_bootstrap_ci` on the
+# per-example correctness vectors. Alongside, the *skill above chance* (the caveat of section 1) and,
+# as a check on what pairing buys, scipy's percentile interval with the two vectors resampled
+# **independently** (`paired=False`): same data, same statistic, a different (wrong) question.
+
+# %% id="retained"
+def _scipy_unpaired(s, t, n_boot):
+    res = scipy.stats.bootstrap((s.astype(float), t.astype(float)),
+                                lambda a, b, axis=-1: a.mean(axis=axis) / b.mean(axis=axis),
+                                paired=False, vectorized=True, method="percentile",
+                                n_resamples=n_boot, random_state=0)
+    return res.confidence_interval.low, res.confidence_interval.high
+
+
+retained = {}
+for name in ("KD student", "CE-only student"):
+    s_correct, t_correct = evals[name]["correct"], teacher_eval["correct"]
+    ratio = quality_retained(evals[name]["accuracy"], teacher_acc)
+    point, low, high = paired_bootstrap_ci(s_correct, t_correct, n_boot=CFG["n_boot"], seed=0)
+    u_low, u_high = _scipy_unpaired(s_correct, t_correct, CFG["n_boot"])
+    skill = (evals[name]["accuracy"] - 0.5) / (teacher_acc - 0.5)
+    retained[name] = {"retained": ratio, "low": low, "high": high, "skill": skill,
+                      "unpaired_width": u_high - u_low}
+    print(f"{name:>16}: quality retained {ratio:.3f}  95% CI [{low:.3f}, {high:.3f}] "
+          f"(paired width {high - low:.3f}; unpaired {u_high - u_low:.3f});  skill above chance {skill:.2f}")
+
+# %% [markdown] id="md-frontier"
+# **The frontier.** Where each model sits in the size/speed-vs-quality plane. A student is worth
+# having only if it moves *left* (smaller) or *right* (faster) without dropping too far *down*.
+# The error bars are 95 % bootstrap intervals on each accuracy (your `paired_bootstrap_ci` against
+# an all-correct oracle vector, whose mean is 1, returns exactly a bootstrap interval for the
+# accuracy). The dotted line is chance.
+
+# %% id="frontier"
+acc_ci = {}
+for name in MODELS:
+    correct = evals[name]["correct"]
+    acc_ci[name] = paired_bootstrap_ci(correct, np.ones_like(correct), n_boot=CFG["n_boot"], seed=0)
+
+colors = {"teacher": "tab:blue", "KD student": "tab:orange", "CE-only student": "tab:green"}
+fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+for ax, (xlabel, xs) in zip(axes, [("parameters (millions)", {n: p / 1e6 for n, p in params.items()}),
+                                   ("decode tokens/s", speed)]):
+    for name in MODELS:
+        acc, low, high = acc_ci[name]
+        ax.errorbar(xs[name], acc, yerr=[[acc - low], [high - acc]], fmt="o", capsize=5,
+                    color=colors[name], label=name, markersize=8)
+        ax.annotate(name, (xs[name], acc), textcoords="offset points",
+                    xytext=(8, -14) if name == "CE-only student" else (8, 6))
+    ax.axhline(0.5, ls=":", color="gray")
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+axes[0].set_ylabel(f"gold accuracy ({len(gold)} rows)")
+axes[0].set_title("size vs quality")
+axes[1].set_title("speed vs quality")
+axes[0].legend(loc="lower right")
+axes[0].set_ylim(0.3, 1.05)
+fig.tight_layout()
+display(fig)  # works under any matplotlib backend (papermill runs with Agg)
+plt.close(fig)
+
+# %% [markdown] id="md-ship-measured"
+# **Ship decisions.** Two example policies, fixed here before we read the result cells above (in a
+# real project: in the design doc, before training):
+#
+# * **edge device (strict)**: keep at least 95 % of the teacher's quality (CI lower bound), at most
+#   30 % of its parameters, at least 2× faster decode;
+# * **internal prototype (lenient)**: keep at least 80 %, at most half the parameters, 1.5× faster.
+
+# %% id="ship"
+POLICIES = {
+    "edge device (strict)": {"min_retained": 0.95, "max_params_ratio": 0.30, "min_speedup": 2.0},
+    "internal prototype (lenient)": {"min_retained": 0.80, "max_params_ratio": 0.50, "min_speedup": 1.5},
+}
+candidates = {name: {"retained": retained[name]["retained"], "retained_low": retained[name]["low"],
+                     "params_ratio": params[name] / params["teacher"],
+                     "speedup": speed[name] / speed["teacher"]}
+              for name in ("KD student", "CE-only student")}
+decisions = []
+for policy_name, policy in POLICIES.items():
+    for name, cand in candidates.items():
+        ok, reasons = ship_decision(cand, policy)
+        decisions.append({"policy": policy_name, "student": name, "ship": "SHIP" if ok else "no",
+                          "reasons": "; ".join(reasons) or "all criteria pass"})
+with pd.option_context("display.max_colwidth", 200):
+    display(pd.DataFrame(decisions))
+
+# %% id="retained-plot"
+fig, ax = plots.new_axes("Quality retained (95% paired bootstrap CI) vs policy bars",
+                         "quality retained = student accuracy / teacher accuracy", "", figsize=(8, 2.8))
+for row, name in enumerate(("KD student", "CE-only student")):
+    r = retained[name]
+    ax.errorbar(r["retained"], row, xerr=[[r["retained"] - r["low"]], [r["high"] - r["retained"]]],
+                fmt="o", capsize=6, color=colors[name], markersize=8)
+for policy_name, policy in POLICIES.items():
+    ax.axvline(policy["min_retained"], ls="--", color="black" if "strict" in policy_name else "gray")
+    ax.annotate(f"min_retained ({policy_name.split(' (')[0]})", (policy["min_retained"], 1.35),
+                rotation=0, ha="right", fontsize=8)
+ax.axvline(0.5 / teacher_acc, ls=":", color="red")
+ax.annotate("chance", (0.5 / teacher_acc, -0.4), ha="left", fontsize=8, color="red")
+ax.set_yticks([0, 1], ["KD student", "CE-only student"])
+ax.set_ylim(-0.6, 1.6)
+fig.tight_layout()
+display(fig)
+plt.close(fig)
+
+# %% [markdown] id="md-honest"
+# ## 5. What a 1-layer, 24 % student can keep in a few CPU minutes
+#
+# Read the numbers above with the setup in mind; the summary cell below restates them.
+#
+# * **The student is tiny and briefly trained, on an easy task.** One of the teacher's 30 decoder
+#   layers plus its embeddings, trained for minutes on templated coffee-shop reviews (the metadata
+#   table above says how many steps; at `ci` budget a handful, so the students may sit near chance
+#   and the intervals are wide: that budget only exercises the code). Sentiment of templated reviews
+#   is a narrow, keyword-driven task, exactly where a tiny student can keep most of its teacher's
+#   accuracy; the teacher's *general* abilities (chat, world knowledge, instructions) are not
+#   retained at all, and this gold set does not measure them. "Retains X %" is always "X % **on
+#   this eval**". Real distillation (DistilBERT, MiniLM, Minitron) keeps a third to a half of the
+#   layers and trains for billions of tokens.
+# * **KD vs CE-only is one seed, one run.** The bootstrap interval covers the sampling of gold
+#   reviews, not the training noise; a difference between the two students that is smaller than the
+#   seed-to-seed spread (which we did not measure) is not evidence for KD. To claim it, train several
+#   seeds of each and compare the distributions (lesson 7 shows how to A/B fairly).
+# * **The size is not the speed.** The parameter ratio and the speedup are different numbers
+#   (both are in the table below) and only the measured one belongs in a ship decision. Most of the
+#   student *is* the 49,152-token output layer, which every decode step still pays for: for a model
+#   this small, shrinking or quantizing the head (lesson 6) matters as much as dropping layers.
+# * **The policy, not the mood, decides.** If the strict policy says no, the reasons list says what
+#   to fix: more training or more layers (quality), a smaller head (speed), or a larger gold set (a
+#   lower bound that is low only because the interval is wide).
+
+# %% id="summary"
+for name in ("KD student", "CE-only student"):
+    r = retained[name]
+    print(f"{name}: accuracy {evals[name]['accuracy']:.3f} vs teacher {teacher_acc:.3f} -> retains "
+          f"{r['retained']:.1%} (95% CI {r['low']:.1%} to {r['high']:.1%}), skill above chance "
+          f"{r['skill']:.0%}, with {params[name] / params['teacher']:.1%} of the parameters and "
+          f"{speed[name] / speed['teacher']:.2f}x the decode speed")
+gap = evals["KD student"]["accuracy"] - evals["CE-only student"]["accuracy"]
+print(f"KD minus CE-only accuracy: {gap:+.3f} on {len(gold)} gold rows (one training seed each)")
+print(f"students: {pair.source} ({pair.describe()})")
+
+# %% [markdown] id="md-results"
+# ## What we measured
+#
+# Every number below was computed in this run (and saved for `brewslm bench`).
+
+# %% id="results"
+rows = [
+    {"quantity": "teacher gold accuracy", "value": round(teacher_acc, 4), "unit": "fraction",
+     "note": f"SmolLM2-135M-Instruct, {len(gold)} gold rows"},
+    {"quantity": "students source", "value": pair.source, "unit": "",
+     "note": pair.describe()},
+]
+for name in ("KD student", "CE-only student"):
+    r = retained[name]
+    rows += [
+        {"quantity": f"{name} gold accuracy", "value": round(evals[name]["accuracy"], 4),
+         "unit": "fraction", "note": f"{len(gold)} gold rows"},
+        {"quantity": f"{name} quality retained", "value": round(r["retained"], 4), "unit": "ratio",
+         "note": f"95% paired bootstrap CI [{r['low']:.3f}, {r['high']:.3f}]"},
+        {"quantity": f"{name} skill above chance", "value": round(r["skill"], 4), "unit": "ratio",
+         "note": "(acc - 0.5) / (teacher acc - 0.5)"},
+        {"quantity": f"{name} params ratio", "value": round(params[name] / params["teacher"], 4),
+         "unit": "ratio", "note": f"{params[name] / 1e6:.2f} M of {params['teacher'] / 1e6:.2f} M"},
+        {"quantity": f"{name} decode speedup", "value": round(speed[name] / speed["teacher"], 3),
+         "unit": "x", "note": f"{speed[name]:.1f} vs {speed['teacher']:.1f} tokens/s, {CFG['new_tokens']} new tokens"},
+        {"quantity": f"{name} unpaired / paired CI width", "value":
+         round(r["unpaired_width"] / max(r["high"] - r["low"], 1e-12), 2), "unit": "x",
+         "note": "what independent resampling would have claimed"},
+    ]
+for d in decisions:
+    rows.append({"quantity": f"ship {d['student']} under {d['policy']}", "value": d["ship"], "unit": "",
+                 "note": d["reasons"]})
+with pd.option_context("display.max_colwidth", 120):
+    display(report.record_results("04_kd_quality", BUDGET, rows))

@@ -1,0 +1,674 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown] id="intro"
+# # Lesson 12 — Tool use: fine-tuning a small router to call functions
+#
+# An assistant that books, converts, looks up or sets things does not do it in text. It emits a
+# **tool call**: a tool name and its arguments as JSON, which the application executes. The model has
+# to learn three things: *when* a tool is needed (and when it is not), *which* tool, and *which
+# arguments*, in a format a program can parse and check. A small model can do this job, routing
+# requests in front of a bigger one or on a device, if it is trained for it and **measured honestly**.
+#
+# Our router knows a fixed **catalogue** of four tools. Each tool is declared with a JSON schema, and
+# the schemas are rendered into the system message. The reply format (Hermes / SmolLM2 style) is one
+# call per reply:
+#
+# ```
+# <tool_call>{"name":"get_weather","arguments":{"city":"Paris","unit":"celsius"}}</tool_call>
+# ```
+#
+# (compact JSON: every token of the reply costs a decoding step). A request that needs no tool gets the plain reply `No tool needed.` (the **no-tool path**). Any reply
+# without a call counts as "no tool".
+#
+# **You will build** (each exercise is graded on its own)
+# 1. `parse_tool_call`: pull the call out of whatever the model wrote, junk around it included.
+# 2. `validate_call`: check a call against the catalogue's schemas with `jsonschema`. Parsed is not the
+#    same as executable.
+# 3. `tool_call_metrics`: the **valid-call rate**, the **argument-match accuracy** (on normalised
+#    values) and the no-tool **precision and recall**.
+#
+# **You will measure**, on the real SmolLM2-135M-Instruct and a held-out split of requests (unseen cities,
+# countries and phrasings): the model as shipped against the same model fine-tuned with LoRA (TRL's
+# `SFTTrainer`). That gives the two headline numbers before and after, the no-tool numbers, and a
+# confusion table of which tool was called.
+
+# %% id="parameters" tags=["parameters"]
+import os
+BUDGET = os.environ.get("BREWSLM_BUDGET", "full")
+
+# %% id="setup" nbgrader={"grade": false, "grade_id": "setup", "locked": true, "schema_version": 3, "solution": false, "task": false}
+# %matplotlib inline
+import functools
+import json
+import math
+import tempfile
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jsonschema
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from trl import SFTConfig, SFTTrainer
+
+from brewslm_helpers import budget, models, plots, report, tools
+
+torch.manual_seed(0)
+CFG = budget.pick(
+    BUDGET,
+    ci=dict(train_rows=8, steps=2, batch_size=2, lr=1e-3, lora_r=8, test_rows=4, max_new_tokens=40,
+            gen_batch=4),
+    full=dict(train_rows=400, steps=40, batch_size=4, lr=1e-3, lora_r=16, test_rows=60, max_new_tokens=48,
+              gen_batch=20),
+)
+CATALOGUE = tools.CATALOGUE
+
+model, tok = models.load_teacher()
+print(f"budget {BUDGET}: {CFG}")
+print(f"{models.MODEL_NAME}: {model.num_parameters():,} parameters; tools: {', '.join(tools.TOOL_NAMES)}")
+
+# %% [markdown] id="md_catalogue"
+# ## 1. The catalogue, the system message and the data
+#
+# Each tool is an OpenAI-style declaration: a `name`, a `description`, and `parameters`, a JSON schema
+# (draft 2020-12) of the arguments object. The schema says which arguments exist, their types, what is
+# required, allowed values (`enum`), formats (`pattern`), ranges (`minimum`), and that no other key is
+# allowed (`additionalProperties: false`). It lives in `brewslm_helpers/tools.py`.
+#
+# The model has to see the catalogue, so it goes into the **system message**. Every training step and
+# every generated token pays for that message (attention over it, and the prefill). We therefore render
+# each schema as a compact signature line rather than pasting the raw JSON. `?` marks an optional
+# argument. The cost of this choice: constraints that are not in the signature, such as the `minimum` of
+# `minutes`, are checked by the validator but never shown to the model.
+
+# %% id="demo_catalogue"
+SYSTEM = tools.system_prompt(CATALOGUE)
+system_tokens = len(tok(SYSTEM, add_special_tokens=False)["input_ids"])
+raw_tokens = len(tok(json.dumps(CATALOGUE), add_special_tokens=False)["input_ids"])
+print(SYSTEM)
+print(f"\nsystem message: {system_tokens} tokens (the raw JSON schemas alone would be {raw_tokens})")
+print("\nget_weather's schema:", json.dumps(CATALOGUE[0]["parameters"]))
+
+train_all, test_all = tools.load_tool_data("train"), tools.load_tool_data("test")
+for name, rows in (("train", train_all), ("test (held out)", test_all)):
+    counts = pd.Series([r["call"]["name"] if r["call"] else "(no tool)" for r in rows]).value_counts()
+    print(f"\n{name}: {len(rows)} requests: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+for r in test_all[:4]:
+    print(f"  {r['request']!r:60} -> {tools.target_reply(r)}")
+
+
+# %% [markdown] id="md_parse"
+# ## 2. Parsing a call out of model text
+#
+# What a model writes is not always the clean reply it was trained on. Real outputs include a sentence
+# before the call ("Sure! Here is the call:"), a Markdown code fence around the JSON, a missing closing
+# tag because generation hit its token limit, a second call after the first, and chatter after it. A
+# parser that runs `json.loads` on the whole reply turns all of these into "no call". The router is
+# then scored on the parser's brittleness, not on the model.
+#
+# The rule here is simple and stated up front:
+# 1. If the text contains `<tool_call>`, search only what follows its first occurrence, up to the next
+#    `</tool_call>` (or the end of the text if the tag is never closed). Otherwise search the whole text.
+# 2. The call is the **first JSON object** in that region that has a string `"name"`. Try every `{` in
+#    turn, and decode a JSON value that starts there with `json.JSONDecoder().raw_decode(text, i)`. It
+#    returns the object and where it ended, and ignores what follows. Braces inside JSON strings are
+#    handled for you.
+# 3. The arguments are the object's `"arguments"` (`{}` if absent). Some APIs (OpenAI's) send them as a
+#    JSON *string*: decode it if it decodes, else keep the string and let the validator reject it.
+#
+# The caveat: a forgiving parser is right for *measuring* and for *serving*. You still validate
+# everything it returns (next exercise) before anything is executed.
+
+# %% id="ex_parse_tool_call" nbgrader={"grade": false, "grade_id": "ex_parse_tool_call", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def parse_tool_call(text: str) -> dict | None:
+    """The first tool call in a model's reply, or None if it holds none.
+
+    text: the model's reply (any string: prose, code fences, tags, truncated output).
+    Search region: after the first "<tool_call>" up to the next "</tool_call>" (or the end of the
+    text) if the tag occurs, else the whole text. The call is the first JSON object (decoded with
+    json.JSONDecoder().raw_decode starting at a "{") whose "name" is a string; text around it is ignored.
+    Returns {"name": str, "arguments": args}: args is the object's "arguments" ({} if missing); an
+    "arguments" string that holds JSON is decoded, any other value is returned as found.
+    Returns None when the region holds no such object (plain prose, broken JSON, no name).
+    """
+    ### BEGIN SOLUTION
+    start = text.find("<tool_call>")
+    if start >= 0:
+        text = text[start + len("<tool_call>"):]
+        end = text.find("</tool_call>")
+        if end >= 0:
+            text = text[:end]
+    decoder = json.JSONDecoder()
+    for start in [i for i, ch in enumerate(text) if ch == "{"]:
+        try:
+            obj, _ = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+            arguments = obj.get("arguments", {})
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except json.JSONDecodeError:
+                    pass
+            return {"name": obj["name"], "arguments": arguments}
+    return None
+    ### END SOLUTION
+
+
+# %% id="test_parse_tool_call" nbgrader={"grade": true, "grade_id": "test_parse_tool_call", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false}
+call = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
+clean = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}</tool_call>'
+assert parse_tool_call(clean) == call, parse_tool_call(clean)
+# junk around it: prose before, a code fence inside the tags, chatter (with braces) after
+messy = ('Sure! Here is the call you need:\n<tool_call>\n```json\n'
+         '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n```\n</tool_call>\n'
+         'Let me know if you need anything else {:-}')
+assert parse_tool_call(messy) == call, f"junk around the call: got {parse_tool_call(messy)}"
+# no tags: the first JSON object with a name, in the middle of prose
+assert parse_tool_call('I will call {"name": "get_time", "arguments": {"city": "Rome"}} now.') == \
+    {"name": "get_time", "arguments": {"city": "Rome"}}
+# two calls: the first one wins
+two = ('{"name": "get_time", "arguments": {"city": "Oslo"}} and then '
+       '{"name": "get_weather", "arguments": {"city": "Oslo"}}')
+assert parse_tool_call(two) == {"name": "get_time", "arguments": {"city": "Oslo"}}, parse_tool_call(two)
+# braces inside a JSON string are not structure
+braces = '<tool_call>{"name": "set_timer", "arguments": {"minutes": 5, "label": "a {b} c"}}</tool_call>'
+assert parse_tool_call(braces) == {"name": "set_timer", "arguments": {"minutes": 5, "label": "a {b} c"}}
+# no call at all
+for text in ["No tool needed.", "", "The weather in Paris is sunny.", '<tool_call>{"name": "get_time", </tool_call>']:
+    assert parse_tool_call(text) is None, f"{text!r} holds no call, got {parse_tool_call(text)}"
+print("parse_tool_call: OK")
+### BEGIN HIDDEN TESTS
+# generation stopped before the closing tag
+assert parse_tool_call('ok <tool_call>{"name": "get_time", "arguments": {"city": "Lima"}}') == \
+    {"name": "get_time", "arguments": {"city": "Lima"}}
+# arguments sent as a JSON string (OpenAI style), missing arguments, undecodable string kept as is
+assert parse_tool_call('{"name": "get_time", "arguments": "{\\"city\\": \\"Lima\\"}"}') == \
+    {"name": "get_time", "arguments": {"city": "Lima"}}
+assert parse_tool_call('<tool_call>{"name": "get_time"}</tool_call>') == {"name": "get_time", "arguments": {}}
+assert parse_tool_call('{"name": "get_time", "arguments": "Lima"}') == {"name": "get_time", "arguments": "Lima"}
+# objects without a (string) name are skipped; the call after them is found
+assert parse_tool_call('{"note": 1} {"name": 3} {"name": "get_time", "arguments": {"city": "Kyiv"}} {"x": 2}') == \
+    {"name": "get_time", "arguments": {"city": "Kyiv"}}
+# a brace before the tag is outside the search region; a second tagged call is ignored
+tagged = ('Plan {step 1}: <tool_call>{"name": "set_timer", "arguments": {"minutes": 3}}</tool_call> '
+          '<tool_call>{"name": "get_time", "arguments": {"city": "Riga"}}</tool_call> }')
+assert parse_tool_call(tagged) == {"name": "set_timer", "arguments": {"minutes": 3}}
+# nested arguments and unicode survive
+nested = 'x {"name": "get_weather", "arguments": {"city": "São Paulo", "extra": {"a": [1, {"b": 2}]}}} y }'
+assert parse_tool_call(nested) == {"name": "get_weather", "arguments": {"city": "São Paulo", "extra": {"a": [1, {"b": 2}]}}}
+# a JSON list or a broken object is not a call
+assert parse_tool_call('[{"name": 1}]') is None
+assert parse_tool_call('{"name": "get_time", "arguments": {"city": "Rome"}') is None
+### END HIDDEN TESTS
+
+# %% [markdown] id="md_validate"
+# ## 3. Validating a call against the catalogue
+#
+# A parsed call is only JSON. Before anything is executed, check that it names a tool in the
+# catalogue and that its arguments satisfy that tool's schema. The arguments must be of the right
+# types (`"minutes": "5"` is a string, not an integer), have every required key and no unknown one,
+# take allowed values (`"unit": "kelvin"` is not in the enum) and match formats (`"from_currency":
+# "euros"` is not a 3-letter code). `jsonschema` is the reference implementation of the standard:
+# `jsonschema.Draft202012Validator(schema).iter_errors(instance)` yields one error per violation.
+#
+# Two details matter. Validate the arguments against the tool's **`parameters`** schema. The whole
+# declaration (`{"name": ..., "description": ..., "parameters": ...}`) is also a dict, but as a schema it
+# constrains nothing, so every call would pass. And a reply with **no call** is not a valid call: it has
+# nothing to execute.
+
+# %% id="ex_validate_call" nbgrader={"grade": false, "grade_id": "ex_validate_call", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def validate_call(call: dict | None, catalogue: list[dict]) -> list[str]:
+    """The problems that stop `call` from being executed; [] means it is a valid call.
+
+    call: a parsed call {"name": ..., "arguments": ...} (any values), or None when the reply held no call.
+    catalogue: tool declarations {"name": str, "description": str, "parameters": JSON schema}.
+    Checks, in order, returning at the first failing one: call is a dict (None or anything else: one
+    problem); its "name" is a string naming a catalogue tool (one problem); its "arguments" is a dict
+    (one problem). Then one problem per jsonschema error of the arguments against that tool's
+    "parameters" schema (jsonschema.Draft202012Validator(...).iter_errors). Messages are free text.
+    """
+    ### BEGIN SOLUTION
+    if not isinstance(call, dict):
+        return ["not a tool call: no JSON object with a name"]
+    tools_by_name = {tool["name"]: tool for tool in catalogue}
+    name = call.get("name")
+    if not isinstance(name, str) or name not in tools_by_name:
+        return [f"unknown tool {name!r}"]
+    arguments = call.get("arguments")
+    if not isinstance(arguments, dict):
+        return [f"{name}: arguments must be a JSON object, got {type(arguments).__name__}"]
+    validator = jsonschema.Draft202012Validator(tools_by_name[name]["parameters"])
+    return [f"{name}: {error.message}" for error in validator.iter_errors(arguments)]
+    ### END SOLUTION
+
+
+# %% id="test_validate_call" nbgrader={"grade": true, "grade_id": "test_validate_call", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false}
+def reference_ok(call, catalogue):
+    """jsonschema's verdict, written independently: is `call` executable?"""
+    if not isinstance(call, dict) or not isinstance(call.get("arguments"), dict):
+        return False
+    schemas = {t["name"]: t["parameters"] for t in catalogue}
+    if not isinstance(call.get("name"), str) or call["name"] not in schemas:
+        return False
+    try:
+        jsonschema.validate(call["arguments"], schemas[call["name"]], cls=jsonschema.Draft202012Validator)
+        return True
+    except jsonschema.ValidationError:
+        return False
+
+
+def W(**args):
+    return {"name": "get_weather", "arguments": args}
+
+
+cases = [
+    (W(city="Paris"), True), (W(city="Paris", unit="fahrenheit"), True),
+    (W(city="Paris", unit="kelvin"), False),             # not in the enum
+    (W(unit="celsius"), False),                           # required city missing
+    (W(city="Paris", country="FR"), False),               # unknown key
+    (W(city=42), False),                                  # wrong type
+    ({"name": "convert_currency", "arguments": {"amount": 20, "from_currency": "USD", "to_currency": "EUR"}}, True),
+    ({"name": "convert_currency", "arguments": {"amount": 20, "from_currency": "dollars", "to_currency": "EUR"}}, False),
+    ({"name": "convert_currency", "arguments": {"amount": "20", "from_currency": "USD", "to_currency": "EUR"}}, False),
+    ({"name": "set_timer", "arguments": {"minutes": 10, "label": "tea"}}, True),
+    ({"name": "set_timer", "arguments": {"minutes": "10"}}, False),
+    ({"name": "book_flight", "arguments": {"to": "Paris"}}, False),  # not in the catalogue
+]
+for call, ok in cases:
+    problems = validate_call(call, CATALOGUE)
+    assert isinstance(problems, list), f"validate_call must return a list, got {type(problems).__name__}"
+    assert reference_ok(call, CATALOGUE) == ok  # the test's own expectation agrees with jsonschema
+    assert (problems == []) == ok, f"{call}: expected {'valid' if ok else 'invalid'}, got problems {problems}"
+# a reply without a call is not a valid call
+assert validate_call(None, CATALOGUE), "None (no call in the reply) must not be a valid call"
+print("validate_call: OK (agrees with jsonschema)")
+### BEGIN HIDDEN TESTS
+import random
+rng = random.Random(0)
+values = ["Paris", "", 3, 2.5, -1, 0, 1441, "USD", "usd", "celsius", "kelvin", None, True, [1], {"a": 1}]
+keys = {"get_weather": ["city", "unit", "x"], "get_time": ["city", "tz"],
+        "convert_currency": ["amount", "from_currency", "to_currency", "rate"], "set_timer": ["minutes", "label"]}
+for _ in range(300):  # random calls: same verdict as jsonschema
+    name = rng.choice(list(keys) + ["nope"])
+    pool = keys.get(name, ["city"])
+    args = {k: rng.choice(values) for k in rng.sample(pool, rng.randint(0, len(pool)))}
+    call = {"name": name, "arguments": args}
+    assert (validate_call(call, CATALOGUE) == []) == reference_ok(call, CATALOGUE), call
+# every schema error is reported: a missing required key AND an unknown key are two problems
+assert len(validate_call(W(unit="kelvin", country="FR"), CATALOGUE)) == 3
+# malformed calls: one problem each
+for bad in [None, "get_time", [1], {"arguments": {"city": "Rome"}}, {"name": 1, "arguments": {}},
+            {"name": "get_time", "arguments": "Rome"}, {"name": "get_time", "arguments": None},
+            {"name": "get_time"}]:
+    problems = validate_call(bad, CATALOGUE)
+    assert isinstance(problems, list) and len(problems) == 1, (bad, problems)
+# the catalogue passed in is the one used
+tiny = [{"name": "ping", "description": "", "parameters": {"type": "object", "properties": {},
+                                                           "additionalProperties": False}}]
+assert validate_call({"name": "ping", "arguments": {}}, tiny) == []
+assert validate_call({"name": "ping", "arguments": {"x": 1}}, tiny)
+assert validate_call({"name": "get_time", "arguments": {"city": "Rome"}}, tiny)
+### END HIDDEN TESTS
+
+# %% [markdown] id="md_metrics"
+# ## 4. The metrics: two numbers, plus the no-tool path
+#
+# A router has two ways to fail on a request that needs a tool. It can produce something the
+# application cannot execute, or it can execute the wrong thing. Report both:
+#
+# - **valid-call rate**: over the requests that need a tool, the fraction whose reply holds a call that
+#   passes validation. A reply without a call scores 0 here; it is a miss, not a pass.
+# - **argument-match accuracy**: over the same requests, the fraction whose call names the right tool
+#   *and* whose arguments equal the gold arguments, key for key, after **normalising values**: strings
+#   are compared with surrounding whitespace stripped, inner runs of whitespace collapsed, and case
+#   folded (`" new  York "` = `"New York"`). A string that reads as a finite number is that number, and
+#   numbers compare as floats (`"20"` = `20` = `20.0`). Booleans compare as themselves; lists and dicts
+#   are compared element by element. Keys are not normalised, and a key present on one side only is a
+#   mismatch. This score is deliberately lenient: it asks whether the model extracted the right
+#   information. The valid-call rate asks whether the result is executable. A call can pass one and
+#   fail the other, which is why you report both.
+#
+# And the no-tool path, scored like a classifier whose positive class is "no tool needed":
+# - **no-tool precision**: of the replies with no call, the fraction where none was needed;
+# - **no-tool recall**: of the requests that need no tool, the fraction answered without a call.
+#
+# A model that never calls anything gets perfect no-tool recall and a valid-call rate of 0; one that
+# calls a tool on everything gets the opposite. Neither number alone tells you which you have. The
+# function also reports **name accuracy** (right tool, whatever the arguments), which the confusion
+# table later breaks down.
+#
+# Your function takes the already-parsed predictions and a `validate` function (in the lesson, your
+# `validate_call` with the catalogue bound), so it does not depend on how they were produced.
+
+# %% id="ex_tool_call_metrics" nbgrader={"grade": false, "grade_id": "ex_tool_call_metrics", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def tool_call_metrics(predictions: list, references: list, validate) -> dict:
+    """Score a router's parsed replies against the gold calls.
+
+    predictions: one per request, a parsed call {"name": str, "arguments": ...} or None (no call).
+    references: one per request, the gold call {"name": str, "arguments": dict} or None (no tool needed).
+    validate: callable(call) -> list of problems ([] = valid); call it only on predictions that are not None.
+    Returns a dict of floats in [0, 1] (0.0 whenever a denominator is 0):
+      "valid_call_rate": over rows whose reference is a call, predictions that are not None and valid;
+      "name_accuracy":   over the same rows, predictions that are not None and name the reference's tool;
+      "argument_match":  over the same rows, predictions that name the reference's tool AND whose
+                         normalised arguments equal the normalised reference arguments (validity not required);
+      "no_tool_precision": over rows whose prediction is None, those whose reference is None;
+      "no_tool_recall":    over rows whose reference is None, those whose prediction is None.
+    Normalising a value: bool -> itself; int/float -> float; str -> float if float(s) works and is
+    finite, else " ".join(s.split()).casefold(); dict -> same keys, values normalised; list -> items
+    normalised; anything else as is.
+    """
+    ### BEGIN SOLUTION
+    def norm(value):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if number is not None and math.isfinite(number):
+                return number
+            return " ".join(value.split()).casefold()
+        if isinstance(value, dict):
+            return {key: norm(v) for key, v in value.items()}
+        if isinstance(value, list):
+            return [norm(v) for v in value]
+        return value
+
+    def rate(hits, total):
+        return hits / total if total else 0.0
+
+    n_tool = valid_hits = name_hits = arg_hits = 0
+    pred_none = ref_none = both_none = 0
+    for pred, ref in zip(predictions, references):
+        pred_none += pred is None
+        if ref is None:
+            ref_none += 1
+            both_none += pred is None
+            continue
+        n_tool += 1
+        valid = pred is not None and not validate(pred)
+        right_tool = pred is not None and pred["name"] == ref["name"]
+        valid_hits += valid
+        name_hits += right_tool
+        arg_hits += right_tool and norm(pred["arguments"]) == norm(ref["arguments"])
+    return {"valid_call_rate": rate(valid_hits, n_tool), "name_accuracy": rate(name_hits, n_tool),
+            "argument_match": rate(arg_hits, n_tool), "no_tool_precision": rate(both_none, pred_none),
+            "no_tool_recall": rate(both_none, ref_none)}
+    ### END SOLUTION
+
+
+# %% id="test_tool_call_metrics" nbgrader={"grade": true, "grade_id": "test_tool_call_metrics", "locked": true, "points": 4, "schema_version": 3, "solution": false, "task": false}
+def schema_validate(call):
+    """The test's own validator (jsonschema on the catalogue), independent of your validate_call."""
+    tool = {t["name"]: t for t in CATALOGUE}.get(call.get("name"))
+    if tool is None or not isinstance(call.get("arguments"), dict):
+        return ["bad call"]
+    return [e.message for e in jsonschema.Draft202012Validator(tool["parameters"]).iter_errors(call["arguments"])]
+
+
+def C(name, **args):
+    return {"name": name, "arguments": args}
+
+
+references = [C("get_weather", city="Paris"), C("get_time", city="Rome"),
+              C("convert_currency", amount=20, from_currency="USD", to_currency="EUR"), None, None,
+              C("set_timer", minutes=5), C("get_time", city="Lima")]
+predictions = [C("get_weather", city="  paris "),                                        # valid, args match
+               None,                                                                     # missed call
+               C("convert_currency", amount="20", from_currency="USD", to_currency="EUR"),  # invalid, args match
+               None,                                                                     # correct no-tool
+               C("get_time", city="Oslo"),                                               # a call nobody asked for
+               C("set_timer", minutes=5, label="tea"),                                   # valid, extra key
+               C("get_time", city="Lisbon")]                                             # valid, wrong city
+got = tool_call_metrics(predictions, references, schema_validate)
+want = {"valid_call_rate": 3 / 5, "name_accuracy": 4 / 5, "argument_match": 2 / 5,
+        "no_tool_precision": 1 / 2, "no_tool_recall": 1 / 2}
+assert isinstance(got, dict) and set(want) <= set(got), f"missing keys: {set(want) - set(got or {})}"
+for key, value in want.items():
+    assert math.isclose(got[key], value, abs_tol=1e-9), f"{key}: got {got[key]}, expected {value}"
+print("tool_call_metrics: OK")
+### BEGIN HIDDEN TESTS
+calls = []
+def counting_validate(call):
+    assert call is not None, "validate was called on a None prediction"
+    calls.append(call)
+    return schema_validate(call)
+tool_call_metrics(predictions, references, counting_validate)
+# normalisation: numbers as strings and floats, whitespace runs, case
+refs = [C("convert_currency", amount=12.5, from_currency="GBP", to_currency="JPY"), C("get_time", city="New York"),
+        C("set_timer", minutes=30, label="Pasta")]
+preds = [C("convert_currency", amount=" 12.50", from_currency="gbp", to_currency="JPY"),
+         C("get_time", city=" new   YORK "), C("set_timer", minutes="30", label="pasta ")]
+got = tool_call_metrics(preds, refs, schema_validate)
+assert math.isclose(got["argument_match"], 1.0), got
+assert math.isclose(got["valid_call_rate"], 1 / 3), got  # "12.50", "gbp" and "30" break the schema
+got = tool_call_metrics([C("set_timer", minutes=30.0)], [C("set_timer", minutes=30)], schema_validate)
+assert got["argument_match"] == 1.0 and got["valid_call_rate"] == 1.0, got
+# a missing key, a different value, a different tool are mismatches
+got = tool_call_metrics([C("get_weather", city="Paris"), C("get_weather", city="Paris", unit="celsius"),
+                         C("get_time", city="Paris")],
+                        [C("get_weather", city="Paris", unit="celsius"), C("get_weather", city="Paris", unit="fahrenheit"),
+                         C("get_weather", city="Paris")], schema_validate)
+assert math.isclose(got["argument_match"], 0.0) and math.isclose(got["name_accuracy"], 2 / 3), got
+assert math.isclose(got["valid_call_rate"], 1.0), got
+# a model that never calls: valid 0, no-tool recall 1; empty denominators give 0.0
+got = tool_call_metrics([None, None, None], [C("get_time", city="Rome"), None, None], schema_validate)
+assert math.isclose(got["valid_call_rate"], 0.0) and math.isclose(got["no_tool_recall"], 1.0), got
+assert math.isclose(got["no_tool_precision"], 2 / 3), got
+got = tool_call_metrics([C("get_time", city="Rome")], [C("get_time", city="Rome")], schema_validate)
+assert got["no_tool_precision"] == 0.0 and got["no_tool_recall"] == 0.0 and got["valid_call_rate"] == 1.0, got
+# the validator passed in decides validity
+got = tool_call_metrics([C("get_time", city="Rome")], [C("get_time", city="Rome")], lambda call: ["rejected"])
+assert got["valid_call_rate"] == 0.0 and got["argument_match"] == 1.0, got
+### END HIDDEN TESTS
+
+# %% [markdown] id="md_before"
+# ## 5. Before: the model as shipped
+#
+# SmolLM2-135M-Instruct was not trained on our catalogue or our format. It gets the same system message
+# and the held-out requests, and we decode greedily (`max_new_tokens` from `CFG`; replies are cut
+# there). Your parser, validator and metrics turn its replies into numbers.
+
+# %% id="demo_before"
+test_rows = tools.load_tool_data("test", CFG["test_rows"])
+requests = [r["request"] for r in test_rows]
+references = [r["call"] for r in test_rows]
+validate = functools.partial(validate_call, catalogue=CATALOGUE)
+
+
+def evaluate(m, desc):
+    start = time.perf_counter()
+    replies = tools.generate_replies(m, tok, requests, max_new_tokens=CFG["max_new_tokens"],
+                                     batch_size=CFG["gen_batch"], desc=desc)
+    parsed = [parse_tool_call(reply) for reply in replies]
+    return {"replies": replies, "parsed": parsed, "metrics": tool_call_metrics(parsed, references, validate),
+            "seconds": time.perf_counter() - start}
+
+
+before = evaluate(model, "base model")
+print(f"{len(test_rows)} held-out requests ({sum(r is None for r in references)} need no tool), "
+      f"generated in {before['seconds']:.0f} s")
+for key, value in before["metrics"].items():
+    print(f"  {key:<18} {value:.3f}")
+for request, reply in list(zip(requests, before["replies"]))[:3]:
+    print(f"\n{request!r}\n  -> {reply[:160]!r}")
+
+# %% [markdown] id="md_train"
+# ## 6. Fine-tuning the router with LoRA (TRL `SFTTrainer`)
+#
+# The training set holds requests in the same format as the test set: the system message, the user's
+# request, and the correct reply as the assistant's turn (a call, or `No tool needed.`). A quarter of
+# the requests need no tool. These **negatives** teach the no-tool path. Without them the router learns
+# that every request gets a call.
+#
+# We use TRL's conversational **prompt/completion** format, `{"prompt": [system, user], "completion":
+# [assistant]}`. `SFTTrainer` then puts the loss on the completion tokens only (`completion_only_loss`),
+# so the model is not trained to reproduce the system message. **LoRA** (PEFT) freezes the 135M weights
+# and trains low-rank updates of every attention and MLP projection. That is well under 10 % of the
+# parameters, enough to learn a format and an extraction task, and the adapter is a few MB to ship per
+# router. The next cell checks which tokens carry the loss before we spend any time training.
+
+# %% id="demo_train_setup"
+train_rows = tools.load_tool_data("train", CFG["train_rows"])
+train_ds = Dataset.from_list(tools.sft_examples(train_rows, CATALOGUE))
+lora = LoraConfig(r=CFG["lora_r"], lora_alpha=2 * CFG["lora_r"], lora_dropout=0.0, bias="none",
+                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                  task_type="CAUSAL_LM")
+out_dir = tempfile.mkdtemp(prefix="brewslm-12-")
+args = SFTConfig(output_dir=out_dir, use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0,
+                 max_steps=CFG["steps"], per_device_train_batch_size=CFG["batch_size"],
+                 learning_rate=CFG["lr"], lr_scheduler_type="constant_with_warmup",
+                 warmup_steps=min(5, CFG["steps"] // 5), max_length=384, logging_steps=1,
+                 save_strategy="no", report_to="none", dataloader_num_workers=0)
+trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok, peft_config=lora)
+
+trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+TRAINABLE_FRACTION = trainable / sum(p.numel() for p in trainer.model.parameters())
+example = trainer.train_dataset[0]
+mask = np.array(example["labels"]) != -100  # TRL turned the completion mask into labels: -100 = no loss
+lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
+print(f"LoRA r={CFG['lora_r']}: {trainable:,} trainable parameters ({TRAINABLE_FRACTION:.2%} of the model)")
+print(f"training sequences: {len(lengths)}, {min(lengths)}-{max(lengths)} tokens; "
+      f"loss on {mask.sum()} of {len(mask)} tokens of the first one:")
+print(repr(tok.decode(np.array(example["input_ids"])[mask])))
+assert tok.decode(np.array(example["input_ids"])[mask]).startswith(tools.target_reply(train_rows[0]))
+
+# %% id="demo_train"
+start = time.perf_counter()
+trainer.train()
+TRAIN_SECONDS = time.perf_counter() - start
+losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+print(f"{CFG['steps']} steps of {CFG['batch_size']} in {TRAIN_SECONDS:.0f} s "
+      f"({TRAIN_SECONDS / CFG['steps']:.1f} s/step); loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+fig, ax = plots.new_axes("SFT loss on the completion (LoRA)", "step", "loss (nats/token)")
+ax.plot(range(1, len(losses) + 1), losses, alpha=0.4, label="per step")
+ax.plot(range(1, len(losses) + 1), plots.smooth(losses, max(1, len(losses) // 10)), label="smoothed")
+ax.legend()
+plt.show()
+
+# %% [markdown] id="md_after"
+# ## 7. After: the same held-out requests, the same metrics
+#
+# The fine-tuned router is the base model plus the LoRA adapter (`trainer.model`). It is scored by
+# exactly the same code path as the base model.
+
+# %% id="demo_after"
+tuned = evaluate(trainer.model, "fine-tuned router")
+print(f"generated in {tuned['seconds']:.0f} s")
+comparison = pd.DataFrame({"base model": before["metrics"], "fine-tuned (LoRA)": tuned["metrics"]})
+display(comparison.round(3))
+
+fig, ax = plt.subplots(figsize=(8, 3.5))
+x = np.arange(len(comparison))
+ax.bar(x - 0.2, comparison["base model"], 0.4, label="base model", color="C7")
+ax.bar(x + 0.2, comparison["fine-tuned (LoRA)"], 0.4, label="fine-tuned (LoRA)", color="C0")
+ax.set_xticks(x, [k.replace("_", "\n") for k in comparison.index])
+ax.set_ylim(0, 1.05)
+ax.set_title(f"held-out requests (n = {len(test_rows)})")
+ax.grid(alpha=0.3, axis="y")
+ax.legend()
+plt.show()
+for request, reply in list(zip(requests, tuned["replies"]))[:4]:
+    print(f"{request!r}\n  -> {reply[:160]!r}")
+
+# %% [markdown] id="md_confusion"
+# **Which tool was called?** Rows are what the request needed, columns what the router did. The
+# diagonal is the right tool (arguments aside). `(no tool)` is a reply without a call. `(unknown)` is a
+# call to a tool that is not in the catalogue. Off-diagonal cells are the errors worth reading.
+# Confusing `get_weather` and `get_time` is a different bug from calling a tool on small talk.
+
+# %% id="demo_confusion"
+LABELS = list(tools.TOOL_NAMES) + ["(no tool)"]
+
+
+def label_of(call):
+    if call is None:
+        return "(no tool)"
+    return call["name"] if call["name"] in tools.TOOL_NAMES else "(unknown)"
+
+
+def confusion(parsed):
+    table = pd.crosstab(pd.Categorical([label_of(c) for c in references], categories=LABELS),
+                        pd.Categorical([label_of(c) for c in parsed], categories=LABELS + ["(unknown)"]),
+                        rownames=["needed"], colnames=["called"], dropna=False)
+    return table
+
+
+for name, result in (("base model", before), ("fine-tuned router", tuned)):
+    print(name)
+    display(confusion(result["parsed"]))
+
+problems = pd.Series([p.split(":")[-1].strip()[:60] for call in tuned["parsed"] if call is not None
+                      for p in validate(call)])
+print("why the fine-tuned router's calls were invalid:",
+      "none" if problems.empty else "\n" + problems.value_counts().to_string())
+
+# %% [markdown] id="md_results"
+# ## What we measured
+#
+# Every value below was computed in this run. The two headline numbers are on the requests that needed a
+# tool; the no-tool numbers are on the whole held-out split.
+
+# %% id="results"
+rows = [
+    {"quantity": "held-out requests", "value": len(test_rows), "unit": "requests",
+     "note": f"{sum(r is None for r in references)} need no tool; unseen cities, countries, phrasings"},
+    {"quantity": "training requests", "value": len(train_rows), "unit": "requests",
+     "note": f"{sum(r['call'] is None for r in train_rows)} need no tool"},
+    {"quantity": "system message", "value": system_tokens, "unit": "tokens", "note": f"raw JSON schemas: {raw_tokens}"},
+    {"quantity": "LoRA trainable parameters", "value": round(TRAINABLE_FRACTION, 4), "unit": "fraction",
+     "note": f"r={CFG['lora_r']}, all projections"},
+    {"quantity": "fine-tuning time", "value": round(TRAIN_SECONDS, 1), "unit": "s",
+     "note": f"{CFG['steps']} steps x {CFG['batch_size']}, CPU"},
+    {"quantity": "final training loss", "value": round(float(np.mean(losses[-5:])), 4), "unit": "nats/token",
+     "note": f"mean of the last {len(losses[-5:])} steps"},
+]
+for key in ("valid_call_rate", "argument_match", "name_accuracy", "no_tool_precision", "no_tool_recall"):
+    b, a = before["metrics"][key], tuned["metrics"][key]
+    rows.append({"quantity": key.replace("_", " "), "value": f"{b:.3f} -> {a:.3f}", "unit": "fraction",
+                 "note": "base -> fine-tuned"})
+report.record_results("12_tool_use", BUDGET, rows)
+
+# %% [markdown] id="takeaways"
+# ## What to take away
+#
+# - **Report two numbers, not one.** The valid-call rate says whether the application can execute what
+#   the router wrote. Argument-match accuracy says whether the call does what the user asked. They
+#   disagree exactly where it matters: a valid call to the wrong city, or the right amount as the
+#   string `"20"`. Add the no-tool precision and recall, or a router that calls nothing (or everything)
+#   hides behind one good number.
+# - **Parse forgivingly, validate strictly.** Your parser finds the call in messy text. The schema check
+#   decides what is executable. A pipeline that parses JSON and then trusts it executes
+#   `{"minutes": "ten"}`.
+# - **The no-tool path has to be trained.** The negatives in the training set are what teach the router
+#   to say `No tool needed.` Remove them and the recall on small talk collapses (try it: filter them out
+#   of `train_rows`).
+# - **Honest caveats.** One seed, a small template-generated data set, and a held-out split that differs
+#   from the training set in entities and one phrasing per tool, not in kind. Real user requests are
+#   messier: ambiguous, multi-call, or needing a question back. Templates also make argument extraction
+#   easier than it is in the wild, so read the "after" numbers as a ceiling for this catalogue. The
+#   confusion table and the list of validation failures show where to spend the next hour of data work.
