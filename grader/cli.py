@@ -6,6 +6,7 @@ exit with status 2, no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,10 +33,20 @@ def cmd_release(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from . import doctor
+
+    if args.bench:
+        return doctor.bench(args.repeats)
+    return doctor.main(use_cache=False)
+
+
 def cmd_run(args) -> int:
+    from . import doctor
     from .run import run_lessons
 
     lessons = select_lessons(args.lessons)
+    doctor.require()
     print(f"executing {len(lessons)} notebook(s) from {args.source}/ at budget {args.budget!r}")
     rows = run_lessons(lessons, args.budget, Path(args.out) if args.out else None, args.source)
     print_run_table(rows)
@@ -52,22 +63,37 @@ def print_run_table(rows: list[dict]) -> None:
 
 
 def cmd_grade(args) -> int:
-    from .grade import grade_folder, summary_table
+    from . import doctor
+    from .grade import ENVIRONMENT_FAILS, grade_folder, summary_table
 
     out = Path(args.out) if args.out else cache_dir() / "grading" / Path(args.submissions).stem
     start = time.perf_counter()
+    if not Path(args.submissions).exists():
+        raise CourseError(f"{args.submissions}: no such folder or zip")
+    # a broken set-up is said in one line, then each lesson's own solution decides which lessons
+    # can be graded here: a lesson this machine cannot run is "not graded", never students' zeros
+    setup_problem = doctor.failure_line(doctor.run_checks())
+    if setup_problem:
+        print(f"brewslm: warning: {setup_problem}", file=sys.stderr, flush=True)
     results = grade_folder(Path(args.submissions), out, budget=args.budget,
                            feedback=not args.no_feedback, notebook_timeout=args.timeout,
                            jobs=args.jobs, cell_timeout=args.cell_timeout,
-                           memory_gib=args.memory, regrade=args.regrade)
+                           memory_gib=args.memory, regrade=args.regrade,
+                           setup_problem=setup_problem, scheduler=args.scheduler)
     print("\n" + summary_table(results))
     print(f"\ngraded {len(results)} submission(s) in {time.perf_counter() - start:.0f} s "
           f"with --jobs {args.jobs}")
     print(f"\ngradebook: {out / 'gradebook.csv'}\nfeedback:  {out / 'feedback'}")
-    return 0
+    broken = sorted({r.lesson for r in results if r.reason.startswith(ENVIRONMENT_FAILS)})
+    if broken:
+        print(f"brewslm: error: not graded, the course environment fails the solution of: "
+              f"{', '.join(broken)} (see the reasons above)", file=sys.stderr)
+        return 3
+    return 1 if setup_problem else 0
 
 
 def cmd_validate(args) -> int:
+    from . import doctor
     from .course import Course
     from .grade import Submission, check_submission
     from .notebooks import read_notebook
@@ -77,6 +103,7 @@ def cmd_validate(args) -> int:
     if lesson is None:
         raise CourseError(f"{path.name}: cannot tell the lesson from the file name; pass --lesson")
     nb = check_submission(Submission("you", lesson, path))
+    doctor.require()
     with tempfile.TemporaryDirectory(prefix="brewslm-validate-") as tmp:
         course = Course(Path(tmp) / "course", budget=args.budget)
         course.setup([lesson])
@@ -133,6 +160,9 @@ def cmd_demo(args) -> int:
 
     lessons = select_lessons(args.lessons)
     start = time.perf_counter()
+    from . import doctor
+
+    doctor.require()
     print(f"== 1/2 executing {len(lessons)} solution notebook(s) headless at budget 'ci'")
     rows = run_lessons(lessons, "ci")
     print_run_table(rows)
@@ -141,7 +171,8 @@ def cmd_demo(args) -> int:
         print(f"  {name:<6} {what}")
     work = cache_dir() / "demo"
     sample = write_sample_class(lessons, work / "sample_class")
-    results = grade_folder(sample, work / "grades", budget="ci")
+    # two at a time where there are two cores (each submission's judge runs beside its autograde)
+    results = grade_folder(sample, work / "grades", budget="ci", jobs=min(2, os.cpu_count() or 1))
     print("\n" + summary_table(results))
     print(f"\ngradebook: {work / 'grades' / 'gradebook.csv'}  (total {time.perf_counter() - start:.0f} s)")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
@@ -151,9 +182,12 @@ def cmd_bench(args) -> int:
     """Run lessons at ``full`` budget and print every "what we measured" table."""
     from brewslm_helpers.report import load_results
 
+    from . import doctor
     from .run import run_lessons
 
-    rows = run_lessons(select_lessons(args.lessons), "full")
+    lessons = select_lessons(args.lessons)
+    doctor.require()
+    rows = run_lessons(lessons, "full")
     print_run_table(rows)
     for lesson, table in load_results("full").items():
         print(f"\n## {lesson}\n{table.to_string(index=False)}")
@@ -174,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check", action="store_true", help="only report out-of-date notebooks")
     s.set_defaults(func=cmd_release)
 
+    s = sub.add_parser("doctor", help="check that the course can run on this machine (llama.cpp "
+                                      "build, model, transformers); one line per component")
+    s.add_argument("--bench", action="store_true",
+                   help="also time llama.cpp prefill/decode tokens/s (extra buffer types on and off)")
+    s.add_argument("--repeats", type=int, default=3, help="benchmark repetitions (with --bench)")
+    s.set_defaults(func=cmd_doctor)
+
     s = sub.add_parser("run", help="execute notebooks headless with papermill")
     s.add_argument("lessons", nargs="*", help="lessons, e.g. 3 or 03_kd_loss (default: all)")
     s.add_argument("--budget", choices=BUDGETS, default="ci")
@@ -188,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=int, default=900, help="seconds per submission (each phase)")
     s.add_argument("--cell-timeout", type=int, default=300, help="seconds per cell")
     s.add_argument("--memory", type=float, default=8, help="GiB of memory per grading process")
+    s.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="grade on Dask distributed: 'local' (a local cluster of --jobs workers) or "
+                        "a scheduler address such as tcp://host:8786 (see the README)")
     s.add_argument("--jobs", "-j", type=int, default=1,
                    help="submissions graded in parallel (each uses about one core and 2-3 GiB)")
     s.add_argument("--regrade", action="store_true",

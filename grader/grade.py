@@ -38,7 +38,10 @@ from .course import Course
 from .lessons import CourseError, Lesson, all_lessons, lesson_of_filename
 from .notebooks import MAX_BYTES, grade_ids, notebook_from_bytes, read_notebook
 
-GRADER_VERSION = "2"  # part of every cached result's fingerprint: bump when grading changes
+GRADER_VERSION = "3"  # part of every cached result's fingerprint: bump when grading changes
+# the start of the reason given to submissions of a lesson this machine cannot run
+ENVIRONMENT_FAILS = "the course environment fails lesson "
+CHECK_STUDENT = "course-check"  # the name a lesson's own solution is graded under before the class
 
 
 @dataclass
@@ -190,29 +193,168 @@ def _load_cached(out_dir: Path, student: str, slug: str, sha: str, fp: str) -> "
         return None
 
 
+def _outcome_to_json(outcome) -> dict:
+    data = asdict(outcome)
+    data["timestamp"] = str(outcome.timestamp) if outcome.timestamp is not None else None
+    return data
+
+
+def _outcome_from_json(data: dict):
+    from .course import Outcome
+
+    outcome = Outcome(**data)
+    outcome.cells = {g: tuple(v) for g, v in outcome.cells.items()}
+    return outcome
+
+
+@dataclass
+class LessonCheck:
+    """A lesson's own solution, graded on this machine before its class is."""
+    lesson: Lesson
+    sha256: str                 # of the solution submission (a student's identical file reuses it)
+    problem: str = ""           # "" when the solution gets full marks here
+    outcome: object = None      # its grading Outcome (None when it could not be graded)
+    graded_notebook: Path | None = None  # the executed copy, for feedback
+
+
+def check_lessons(course: Course, lessons: list[Lesson], jobs: int = 1, progress=print,
+                  setup_problem: str = "") -> dict[str, LessonCheck]:
+    """Grade each lesson's own solution through the same pipeline as the class.
+
+    A course environment that cannot run a lesson (a llama.cpp build that crashes, a missing
+    model) must never become students' zeros: a lesson whose solution does not get full marks here
+    is not graded. The verdict is cached under a fingerprint of the environment (``grader.doctor``),
+    the lesson source, the budget and the grader, so a second run costs nothing.
+    """
+    from . import doctor
+    from .notebooks import make_submission
+
+    env = doctor.fingerprint()
+    folder = _check_folder()
+    checks, todo = {}, []
+    for lesson in lessons:
+        data = nbformat_bytes(make_submission(lesson))
+        sha = hashlib.sha256(data).hexdigest()
+        key = hashlib.sha256(f"{env}|{fingerprint(course, lesson)}|{sha}".encode()).hexdigest()
+        check = LessonCheck(lesson, sha)
+        checks[lesson.slug] = check
+        memo, nb = folder / f"{lesson.slug}.json", folder / f"{lesson.slug}.ipynb"
+        try:
+            saved = json.loads(memo.read_text())
+            if saved["key"] == key and nb.is_file():
+                check.outcome = _outcome_from_json(saved["outcome"])
+                check.graded_notebook = nb
+                continue
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
+        todo.append((check, data, key, memo, nb))
+    if todo:
+        progress(f"checking the course environment: grading the solution of "
+                 f"{', '.join(c.lesson.slug for c, *_ in todo)} (once per machine and set-up)")
+
+    def run(item):
+        check, data, key, memo, nb = item
+        outcome = course.grade_private(CHECK_STUDENT, check.lesson, data)
+        check.outcome = outcome
+        graded = course.root / "autograded" / CHECK_STUDENT / check.lesson.slug \
+            / f"{check.lesson.slug}.ipynb"
+        full = not outcome.reason and outcome.cells and all(
+            s == m for s, m in outcome.cells.values())
+        if full and graded.is_file():  # only a clean pass is remembered
+            shutil.copyfile(graded, nb)
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": key, "outcome": _outcome_to_json(outcome)}))
+            os.replace(tmp, memo)
+            check.graded_notebook = nb
+        elif graded.is_file():
+            check.graded_notebook = graded
+        return check
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(run, todo))
+    for check in checks.values():
+        o = check.outcome
+        if o.reason:
+            check.problem = o.reason
+        elif not o.cells or any(s != m for s, m in o.cells.values()):
+            lost = [g for g, (s, m) in sorted(o.cells.items()) if s != m]
+            why = "; ".join(f"{g}: {o.failures.get(g, 'fails')}" for g in lost)
+            got = sum(s for s, _ in o.cells.values())
+            check.problem = (f"it scores {got:g}/{sum(m for _, m in o.cells.values()):g} here, "
+                             f"{why}"[:300])
+        if check.problem and setup_problem:
+            check.problem += f"; {setup_problem}"
+    return checks
+
+
+def _check_folder() -> Path:
+    from brewslm_helpers.paths import cache_dir
+
+    folder = cache_dir() / "course-check"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder.resolve()
+
+
+def nbformat_bytes(nb) -> bytes:
+    import nbformat
+
+    return nbformat.writes(nb).encode()
+
+
 def grade_folder(submissions: Path, out_dir: Path, budget: str = "ci", feedback: bool = True,
                  notebook_timeout: int = 900, progress=print, jobs: int = 1,
                  cell_timeout: int = 300, memory_gib: float = 8, regrade: bool = False,
-                 progress_bar: bool = True) -> list[Result]:
+                 progress_bar: bool = True, setup_problem: str | None = None,
+                 scheduler: str | None = None) -> list[Result]:
     """Grade every submission under ``submissions``; write ``gradebook.csv``,
     ``grades_by_cell.csv`` and ``feedback/`` into ``out_dir``. Returns one result per submission.
 
-    ``jobs`` submissions are graded at once (each in its own processes); unchanged submissions
-    keep their cached result unless ``regrade``."""
+    First each lesson's own solution is graded here (:func:`check_lessons`, cached): the
+    submissions of a lesson whose solution does not get full marks on this machine are "not
+    graded", with the reason, instead of getting zeros. ``setup_problem`` is the set-up check's
+    one line (``grader.doctor``; run here when None). ``jobs`` submissions are graded at once
+    (each in its own processes); unchanged submissions keep their cached result unless
+    ``regrade``. ``scheduler``: grade on Dask distributed (``"local"``: a local cluster of
+    ``jobs`` workers; else a scheduler's address), see ``grader/distributed.py``."""
     submissions = Path(submissions).resolve()
     subs, results = collect(submissions)
     out_dir = Path(out_dir).resolve()
     course = Course(out_dir / "course", budget=budget, notebook_timeout=notebook_timeout,
                     cell_timeout=cell_timeout, memory_bytes=int(memory_gib * 2 ** 30),
-                    hide=[out_dir, submissions],
+                    # the environment check's executed solutions are as secret as solutions/
+                    hide=[out_dir, submissions, _check_folder()],
                     # kernels side by side, each with a thread per core, would oversubscribe the machine
                     threads=max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None)
-    course.setup(sorted({s.lesson for s in subs}, key=lambda l: l.slug))
+    lessons = sorted({s.lesson for s in subs}, key=lambda l: l.slug)
+    course.setup(lessons)
+    from .sandbox import isolation_level
+
+    if isolation_level() != "bwrap":
+        progress("warning: bubblewrap (bwrap) is not available: submissions are isolated less "
+                 f"({isolation_level()}); install it (apt-get install bubblewrap), see the README")
+    if scheduler:  # the same per-submission jobs on Dask workers (grader/distributed.py)
+        from .distributed import DaskEngine
+
+        course.engine = DaskEngine(scheduler, jobs, course.spec())
+    if setup_problem is None:
+        from . import doctor
+
+        setup_problem = doctor.failure_line(doctor.run_checks())
+        if setup_problem:
+            progress(f"warning: {setup_problem}")
+    checks = check_lessons(course, lessons, jobs=jobs, progress=progress,
+                           setup_problem=setup_problem)
 
     # read everything once, before any student code runs: later writes to these files change nothing
     todo, cached = [], []
     for sub in subs:
         result = Result(sub.student, sub.lesson.slug, max_score=_max_points(sub.lesson))
+        check = checks[sub.lesson.slug]
+        if check.problem:
+            result.status = "not graded"
+            result.reason = f"{ENVIRONMENT_FAILS}{sub.lesson.number}'s solution ({check.problem})"
+            results.append(result)
+            continue
         try:
             data = read_submission(sub.path)
             sha = hashlib.sha256(data).hexdigest()
@@ -237,7 +379,15 @@ def grade_folder(submissions: Path, out_dir: Path, budget: str = "ci", feedback:
         start = time.perf_counter()
         try:
             check_submission(sub, data)
-            outcome = course.grade_private(sub.student, sub.lesson, data)
+            check = checks[sub.lesson.slug]
+            if sha == check.sha256 and check.outcome is not None:
+                # the lesson's own solution, already graded by the environment check: same bytes,
+                # same verdict (as for any two identical files)
+                outcome = check.outcome
+                if check.graded_notebook is not None:
+                    course._keep_graded_notebook(check.graded_notebook, sub.student, sub.lesson.slug)
+            else:
+                outcome = course.grade_private(sub.student, sub.lesson, data)
             course.last_outcome[(sub.student, sub.lesson.slug)] = outcome
             if outcome.reason:
                 raise CourseError(outcome.reason)
@@ -303,6 +453,9 @@ def grade_folder(submissions: Path, out_dir: Path, budget: str = "ci", feedback:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"sha256": sha, "fingerprint": fp, "result": asdict(result)}))
     write_gradebook(results, out_dir)
+    if course.engine is not None:
+        course.engine.close()
+    course.close()
     return results
 
 
@@ -317,18 +470,14 @@ def _bar(total: int, enabled: bool):
 
 
 def _write_feedback(course: Course, out_dir: Path, graded: list[Result]) -> None:
-    """One ``nbgrader generate_feedback`` per lesson, then copy each student's page out."""
+    """Each graded student's feedback page, written by the grader from data (no nbgrader)."""
     lessons = {}
     for r in graded:
         lessons.setdefault(r.lesson, []).append(r)
-    for slug, rows in lessons.items():
-        course.nbgrader("generate_feedback", slug, "--force", timeout=600)
+    for slug, rows in lessons.items():  # built from data by the grader (grader/feedback.py)
         for r in rows:
-            html = course.root / "feedback" / r.student / slug / f"{slug}.html"
-            if html.exists():
-                dest = out_dir / "feedback" / r.student / f"{slug}.html"
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(html, dest)
+            dest = out_dir / "feedback" / r.student / f"{slug}.html"
+            if course.write_feedback(r.student, slug, dest):
                 r.feedback = str(dest)
 
 
