@@ -3,19 +3,25 @@
 Layout (nbgrader's own): ``source/``, ``release/``, ``submitted/``, ``autograded/``, ``feedback/``
 and ``gradebook.db`` (SQLite) under one root, with an ``nbgrader_config.py`` written here.
 
-Every submission is treated as hostile. :meth:`Course.autograde` never runs student code in this
-course directory: it grades in a private working copy (its own temp folder, its own copy of the
-empty gradebook, no source notebooks) under :mod:`grader.sandbox` limits (memory, CPU, file size,
-wall clock, process-group kill, orphan reaping, and where the OS allows, a mount namespace that
-hides the course, the solutions and the other submissions), in two phases:
+Every submission is treated as hostile. :meth:`Course.grade_private` never runs student code in this
+course directory, and no two submissions share anything: each process a submission runs is
+started in its own fresh folder under :mod:`grader.sandbox` (limits, and where bubblewrap works an
+unprivileged user in its own namespaces, ``/`` read-only, its own empty HOME, TMPDIR,
+IPython/Jupyter folders and ``/tmp``, the model read-only and checksum-verified, of the repository
+only what the release ships). Two things run per submission, side by side:
 
-1. ``nbgrader autograde`` (cells restored from the gradebook by checksum, per-cell timeout, output
-   capped while it runs by :class:`grader.nbexec.LimitedExecute`, ``LimitOutput`` after);
-2. :mod:`grader.verify`: every test cell that passed is re-run in a fresh kernel holding only the
-   lesson's setup, the student's definitions and the restored test, behind an integrity check.
+1. ``nbgrader autograde`` in the sandbox (cells restored from the gradebook by checksum, per-cell
+   timeout, output capped): the executed notebook for the feedback, and a ceiling on the scores.
+   Its gradebook and notebook are read back as data (never through a link it made), then its
+   folder is deleted: nothing it wrote reaches a later process;
+2. the **trusted judge** (:mod:`grader.judge`): a process of this grader, where no student code
+   runs, executes every test cell; each call of a student's function runs in a sandboxed worker
+   that returns only data. The judge decides the marks.
 
-Only the parent process (this one) writes the class gradebook, after reading the child's result:
-a cell scores its points only if it passed both phases.
+Only the parent process (this one) writes the class gradebook, after both have finished: a cell
+scores its points only if the judge passed it and nbgrader did not fail it. The grader's own
+nbgrader runs (``generate_assignment`` on the lesson's source) get a private, empty HOME too, and
+feedback pages are written by :mod:`grader.feedback` from data, never by nbgrader.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +45,103 @@ from . import sandbox, verify
 from .lessons import CourseError, Lesson
 from .notebooks import nbgrader_meta, read_notebook
 from .run import notebook_env
+
+from brewslm_helpers.paths import cache_dir
+
+# lessons whose marks still come from the older in-sandbox re-check (grader.verify), because the
+# judge cannot grade them yet: their exercises change a model given to them in place, and the
+# judge does not copy an argument's changes back (see the README; the isolation applies to all)
+IN_SANDBOX_VERDICTS = {"13_pruning": "exercises prune a model in place"}
+# what a submission's sandbox sees of the repository (read-only): what the release ships
+RELEASED = ["brewslm_helpers", "grader", "notebooks", "pyproject.toml", "README.md"]
+# variables that point a process at configuration or state outside its own private folders
+# (PYTHONPATH is kept: it is the instructor's, like the venv, and the sandbox sees it read-only)
+_PRIVATE_VARS = ("HOME", "TMPDIR", "TMP", "TEMP", "PYTHONSTARTUP", "PYTHONHOME",
+                 "PYTHONUSERBASE", "PYTHONSAFEPATH", "MPLCONFIGDIR", "HF_HOME", "BREWSLM_CACHE",
+                 "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_RUNTIME_DIR",
+                 "XDG_CONFIG_DIRS", "XDG_DATA_DIRS", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+def private_env(base: dict[str, str], home: Path, tmp: str) -> dict[str, str]:
+    """``base`` with every HOME-derived and configuration-path variable replaced by folders under
+    ``home`` (created empty): nothing is read from a place another process could have written."""
+    env = {k: v for k, v in base.items() if k not in _PRIVATE_VARS
+           and not k.startswith(("JUPYTER", "IPYTHON", "NBGRADER", "PYTHONBREAKPOINT"))}
+    home = Path(home)
+    dirs = {"HOME": home, "IPYTHONDIR": home / ".ipython",
+            "JUPYTER_CONFIG_DIR": home / ".jupyter", "JUPYTER_DATA_DIR": home / ".local/share/jupyter",
+            "JUPYTER_RUNTIME_DIR": home / ".local/share/jupyter/runtime",
+            "XDG_CONFIG_HOME": home / ".config", "XDG_DATA_HOME": home / ".local/share",
+            "XDG_CACHE_HOME": home / ".cache", "MPLCONFIGDIR": home / ".config/matplotlib",
+            "HF_HOME": home / ".cache/huggingface", "BREWSLM_CACHE": home / ".cache/brewslm"}
+    for key, path in dirs.items():
+        path.mkdir(parents=True, exist_ok=True)
+        env[key] = str(path)
+    env.update(TMPDIR=tmp, PYTHONNOUSERSITE="1", PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
+def safe_read(root: Path, relpath: str, max_bytes: int) -> bytes:
+    """Read ``root/relpath`` without following any link in ``relpath`` (each folder is opened
+    relative to the last with ``O_NOFOLLOW``): a file a sandbox wrote, never what it points at."""
+    parts = [p for p in relpath.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise OSError("bad path")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for part in parts[:-1]:
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+    finally:
+        os.close(fd)
+    with os.fdopen(ffd, "rb") as f:
+        import stat
+
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            raise OSError("not a regular file of a sane size")
+        return f.read(max_bytes + 1)[:max_bytes]
+
+
+def defined_names(source: str) -> tuple[list[str], list[str]]:
+    """``(functions and classes, other names)`` a (solution) exercise cell defines at top level."""
+    import ast
+
+    try:
+        tree = ast.parse(verify.definitions_only(source))
+    except SyntaxError:
+        return [], []
+    funcs, values = [], []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            funcs.append(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                values += [n.id for n in ast.walk(t) if isinstance(n, ast.Name)]
+    funcs = [f for f in funcs if not f.startswith("_")]
+    return funcs, [v for v in dict.fromkeys(values) if v not in funcs and not v.startswith("_")]
+
+
+def _stat_manifest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()} if folder.is_dir() else {}
+
+
+def _hash_manifest(folder: Path) -> dict:
+    import hashlib
+
+    out = {}
+    for p in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        if p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+            out[str(p.relative_to(folder))] = h.hexdigest()
+    return out
 
 COURSE_ID = "brewslm-advanced"
 # stderr lines nbgrader should not count against a test cell: Python warnings and progress bars
@@ -86,7 +190,8 @@ class Outcome:
     comments: dict = field(default_factory=dict)      # solution grade_id -> nbgrader auto comment
     timestamp: object = None
     seconds: float = 0.0
-    phases: dict = field(default_factory=dict)        # "autograde"/"recheck" -> seconds
+    phases: dict = field(default_factory=dict)        # "autograde"/"judge" -> seconds
+    messages: dict = field(default_factory=dict)      # grade_id -> the judge's message ("" = pass)
 
 
 def _bin(name: str) -> str:
@@ -113,16 +218,32 @@ class Course:
         self._template: dict[str, bytes] = {}   # lesson slug -> empty gradebook (assignment only)
         self._sources: dict[str, nbformat.NotebookNode] = {}  # lesson slug -> source notebook
         self.last_outcome: dict[tuple[str, str], Outcome] = {}
+        # the grader's own nbgrader runs get an empty HOME of their own, never a shared one
+        self._grader_home = Path(tempfile.mkdtemp(prefix="brewslm-grader-home-"))
+        self._model_manifest: dict | None = None
+        weakref.finalize(self, shutil.rmtree, str(self._grader_home), True)
+        # (student, slug) -> (submission bytes, executed notebook bytes, outcome): the feedback
+        self._feedback_data: dict[tuple[str, str], tuple] = {}
+        self.engine = None  # grader.distributed.DaskEngine: grade on Dask workers instead of here
+        self._judges: dict[str, list] = {}  # lesson slug -> idle judge processes (judge_pool)
+        self._judges_lock = threading.Lock()
+        self._judge_count = 0
+        weakref.finalize(self, _close_all, self._judges)
+        self._model_stat: dict | None = None
 
     # -- plumbing -----------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        """The environment of the grader's own nbgrader runs: its private, empty HOME and
+        IPython/Jupyter folders (a file a submission planted in some HOME is never read)."""
+        env = private_env(dict(os.environ), self._grader_home, tempfile.gettempdir())
         env.update(notebook_env(self.budget))
+        env["BREWSLM_CACHE"] = str(cache_dir())  # the grader's own: the model is converted there
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         return env
 
     def nbgrader(self, *args: str, timeout: int | None = None) -> subprocess.CompletedProcess:
-        """Run ``nbgrader ARGS`` in the course root; on time-out the whole process group is killed."""
+        """Run ``nbgrader ARGS`` in the course root; on time-out the whole process group is killed.
+        Only on the lesson's own notebooks: never on a submission (that runs in the sandbox)."""
         proc = subprocess.Popen([_bin("nbgrader"), *args], cwd=self.root, env=self.env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
@@ -198,13 +319,33 @@ class Course:
         return outcome.reason
 
     # -- grading in a private working copy -------------------------------------------------------
-    def kernel_env(self) -> dict[str, str]:
-        env = self.env()
+    def kernel_env(self, home: Path, tmp: str) -> dict[str, str]:
+        """A sandboxed process's environment: its own HOME (with the course cache inside: the
+        model bound read-only, no artefacts), TMPDIR, IPython and Jupyter folders."""
+        env = private_env(dict(os.environ), home, tmp)
+        env.update(notebook_env(self.budget))
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         env["BREWSLM_SANDBOX"] = "1"
+        fonts = self._font_cache()
+        if fonts is not None:  # matplotlib's font list, built once here, not in every fresh HOME
+            shutil.copyfile(fonts, Path(env["MPLCONFIGDIR"]) / fonts.name)
         if self.threads:  # kernels graded side by side must not each spin a thread per core
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                 env.setdefault(var, str(self.threads))
         return env
+
+    def _font_cache(self) -> Path | None:
+        folder = self._grader_home / "mpl"
+        with self._judges_lock:
+            if folder.exists():
+                found = sorted(folder.glob("fontlist-*.json"))
+                return found[0] if found else None
+            folder.mkdir()
+            subprocess.run([sys.executable, "-c", "import matplotlib.font_manager"],
+                           env={**self.env(), "MPLCONFIGDIR": str(folder)}, capture_output=True,
+                           timeout=300)
+            found = sorted(folder.glob("fontlist-*.json"))
+        return found[0] if found else None
 
     def source(self, lesson: Lesson) -> nbformat.NotebookNode:
         if lesson.slug not in self._sources:
@@ -216,13 +357,29 @@ class Course:
         from brewslm_helpers.paths import REPO_ROOT
 
         return sandbox.Limits(wall_s=wall_s, memory_bytes=self.memory_bytes,
-                              cpu_s=int(max(wall_s, 60) * 4), readonly=(str(REPO_ROOT),))
+                              cpu_s=int(max(wall_s, 60) * 4),
+                              readonly=(str(REPO_ROOT), str(self._model_dir())))
+
+    def spec(self) -> dict:
+        """This course's grading settings (what a Dask worker needs to grade as it would)."""
+        return {"budget": self.budget, "cell_timeout": self.cell_timeout,
+                "notebook_timeout": self.notebook_timeout, "memory_bytes": self.memory_bytes,
+                "max_output_bytes": self.max_output_bytes, "recheck": self.recheck,
+                "threads": self.threads}
 
     def grade_private(self, student: str, lesson: Lesson, notebook: bytes) -> Outcome:
-        """Grade one notebook (its bytes) in a private working copy; touches nothing of this course."""
+        """Grade one notebook (its bytes) in private working folders; touches nothing of this
+        course but the copy of its graded notebook kept for the feedback. With an ``engine``
+        (:class:`grader.distributed.DaskEngine`) the grading runs on a Dask worker."""
+        if self.engine is not None:
+            outcome, graded = self.engine.grade(student, lesson, notebook)
+            self._keep_graded_notebook(graded, student, lesson.slug)
+            self._feedback_data[(student, lesson.slug)] = (
+                self._known_cells_only(lesson, notebook), graded, outcome)
+            return outcome
         start = time.perf_counter()
-        slug = lesson.slug
-        work = Path(tempfile.mkdtemp(prefix="brewslm-grade-"))
+        self._verify_model()
+        work = Path(tempfile.mkdtemp(prefix="brewslm-grade-"))  # 0700, this process's
         try:
             outcome = self._grade_in(work, student, lesson, notebook)
         finally:
@@ -230,13 +387,31 @@ class Course:
         outcome.seconds = time.perf_counter() - start
         return outcome
 
+    def _box(self, folder: Path) -> tuple[sandbox.View, dict[str, str]]:
+        """A fresh sandbox folder: the view a process started there gets, and its environment."""
+        home = folder / "home"
+        cache = home / ".cache" / "brewslm"
+        (cache / "models").mkdir(parents=True)
+        bwrap = sandbox.bwrap() is not None
+        if not bwrap:  # no bind mounts: the model through a link (read-only where namespaces work)
+            (cache / "models").rmdir()
+            (cache / "models").symlink_to(self._model_dir())
+        view = sandbox.View(work=folder, hide=self._hidden(), expose=self._exposed(cache),
+                            mask=self._masked())
+        tmp = "/tmp" if bwrap else str(folder / "tmp")
+        if not bwrap:
+            (folder / "tmp").mkdir()
+        return view, self.kernel_env(home, tmp)
+
     def _grade_in(self, work: Path, student: str, lesson: Lesson, notebook: bytes) -> Outcome:
         slug = lesson.slug
-        priv = work / "course"
+        box1 = work / "phase1"
+        priv = box1 / "course"
         folder = priv / "submitted" / student / slug
         folder.mkdir(parents=True)
         (priv / "source" / slug).mkdir(parents=True)  # no source notebook here: nothing to read
-        (folder / f"{slug}.ipynb").write_bytes(self._known_cells_only(lesson, notebook))
+        submission = self._known_cells_only(lesson, notebook)
+        (folder / f"{slug}.ipynb").write_bytes(submission)
         timestamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         (folder / "timestamp.txt").write_text(timestamp)
         (priv / "nbgrader_config.py").write_text(PRIVATE_CONFIG.format(
@@ -246,40 +421,236 @@ class Course:
         if template is None:
             self._template[slug] = template = self._empty_gradebook()
         (priv / "gradebook.db").write_bytes(template)
+        parent = work / "parent"  # this process's only: no sandbox sees it
+        parent.mkdir()
+        # the judge (the marks) needs only the submission: it runs while phase 1 runs
+        judged: dict = {}
 
-        # phase 1: nbgrader autograde, under limits
+        def judge():
+            t0 = time.perf_counter()
+            try:
+                judged["verdicts"] = self._judge(work, lesson, submission)
+            except Exception as e:  # a bug of ours: every cell fails with the reason
+                judged["error"] = f"the judge failed: {type(e).__name__}: {e}"[:300]
+            judged["seconds"] = round(time.perf_counter() - t0, 1)
+
+        thread = threading.Thread(target=judge, daemon=True) if self.recheck else None
+        if thread is not None:
+            thread.start()
+        try:
+            return self._phase1_then_merge(work, student, lesson, submission, timestamp, judged,
+                                           thread)
+        finally:
+            if thread is not None:
+                thread.join()
+
+    def _phase1_then_merge(self, work: Path, student: str, lesson: Lesson, submission: bytes,
+                           timestamp: str, judged: dict, thread) -> Outcome:
+        slug = lesson.slug
+        box1, parent = work / "phase1", work / "parent"
+        priv = box1 / "course"
+
+        # phase 1: nbgrader autograde in the sandbox (for the feedback; its scores are a ceiling)
+        view, env = self._box(box1)
         run = sandbox.run_limited([_bin("nbgrader"), "autograde", slug, "--student", student,
-                                   "--force"], cwd=priv, env=self.kernel_env(),
-                                  limits=self.limits(self.notebook_timeout), hide=self._hidden(),
-                                  log_path=work / "phase1.log")
+                                   "--force"], cwd=priv, env=env,
+                                  limits=self.limits(self.notebook_timeout), hide=view.hide,
+                                  view=view, log_path=parent / "phase1.log")
         phases = {"autograde": round(run.seconds, 1)}
         reason = _phase1_reason(run, self.notebook_timeout, self.memory_bytes)
         if reason:
             return Outcome(reason=reason, phases=phases)
-        graded_nb = priv / "autograded" / student / slug / f"{slug}.ipynb"
+        # what phase 1 wrote is read as data, never by following a link the submission made
+        db = parent / "gradebook.db"
+        graded = None
         try:
-            phase1, comments = _read_private_scores(priv / "gradebook.db", slug, student)
-        except Exception as e:  # a gradebook the submission damaged
-            return Outcome(reason=f"the grading copy's gradebook is unreadable ({type(e).__name__})")
+            db.write_bytes(safe_read(box1, f"course/gradebook.db", 256 * 2 ** 20))
+            phase1, comments = _read_private_scores(db, slug, student)
+        except Exception as e:  # a gradebook the submission damaged or replaced
+            return Outcome(reason=f"the grading copy's gradebook is unreadable ({type(e).__name__})",
+                           phases=phases)
         if phase1 is None:
-            return Outcome(reason=f"autograde failed: {_last_error(run.output)}")
+            return Outcome(reason=f"autograde failed: {_last_error(run.output)}", phases=phases)
+        try:
+            graded = safe_read(box1, f"course/autograded/{student}/{slug}/{slug}.ipynb",
+                               50_000_000)
+        except OSError:
+            graded = None
+        shutil.rmtree(box1, ignore_errors=True)  # nothing of phase 1 reaches a later process
 
         # trusted: points and test sources from the source notebook this process holds
         source = self.source(lesson)
         points = {m["grade_id"]: float(m.get("points", 0)) for c in source.cells
                   if (m := nbgrader_meta(c)).get("grade") and not m.get("solution")}
         failures = {g: "fails (see the feedback)" for g in points if phase1.get(g, 0.0) <= 0}
-        passed = [g for g in points if g not in failures]
-        if passed and self.recheck:
-            t0 = time.perf_counter()
-            verdicts = self._recheck(work, student, lesson, notebook, passed)
-            phases["recheck"] = round(time.perf_counter() - t0, 1)
-            failures.update({g: v for g, v in verdicts.items() if v})
+        messages: dict[str, str] = {}
+        if thread is not None:
+            thread.join()
+            phases["judge"] = judged.get("seconds", 0.0)
+            verdicts = judged.get("verdicts") or {
+                g: {"passed": False, "message": judged.get("error", "not judged")} for g in points}
+            for g in points:
+                v = verdicts.get(g) or {"passed": False, "message": "not judged"}
+                messages[g] = v["message"]
+                if not v["passed"]:
+                    failures[g] = v["message"] or "fails"
         cells = {g: ((min(phase1.get(g, 0.0), p) if g not in failures else 0.0), p)
                  for g, p in points.items()}
-        self._keep_graded_notebook(graded_nb, student, slug)
-        return Outcome(cells=cells, failures=failures, comments=comments, timestamp=timestamp,
-                       phases=phases)
+        self._keep_graded_notebook(graded, student, slug)
+        outcome = Outcome(cells=cells, failures=failures, comments=comments, timestamp=timestamp,
+                          phases=phases, messages=messages)
+        self._feedback_data[(student, slug)] = (submission, graded, outcome)
+        return outcome
+
+    def _judge(self, work: Path, lesson: Lesson, submission: bytes) -> dict[str, dict]:
+        """Phase 2, the marks: the trusted judge (grader.judge) runs every test cell, calling the
+        student's functions in a sandboxed worker. ``{test_id: {"passed", "message"}}``.
+
+        The judge is a process of this grader with its own empty HOME; one is kept per lesson and
+        grading thread (its setup runs once), and each job starts from the state its setup left."""
+        job = self.judge_job(lesson, submission)
+        if lesson.slug in IN_SANDBOX_VERDICTS:
+            found = self._recheck(work, "student", lesson, submission, job["test_ids"])
+            return {g: {"passed": not why, "message": why} for g, why in found.items()}
+        box = work / "worker"
+        box.mkdir()
+        view, env = self._box(box)
+        scratch = work / "scratch"  # the test's temporary files, which the student's code may write
+        scratch.mkdir()
+        view.shared.append(scratch)
+        limits = self.limits(self.notebook_timeout)
+        job.update(cell_timeout=self.cell_timeout, ready_timeout=self.notebook_timeout,
+                   scratch=str(scratch),
+                   worker={"argv": sandbox.command([sys.executable, "-m", "grader.judge", "worker"],
+                                                   limits, hide=view.hide, view=view, stdio=True),
+                           "env": env, "cwd": str(box), "log": str(work / "parent" / "worker.log")})
+        failed = lambda why: {g: {"passed": False, "message": why[:300]}  # noqa: E731
+                              for g in job["test_ids"]}
+        judge = self._take_judge(lesson, job)
+        if isinstance(judge, str):
+            return failed(judge)
+        try:
+            data = judge.run(job, timeout=self.notebook_timeout * 2 + 120)
+        except Exception as e:  # died or hung: never reused
+            judge.close()
+            return failed(f"the judge failed ({type(e).__name__}: {e})")
+        with self._judges_lock:
+            self._judges.setdefault(lesson.slug, []).append(judge)
+        if data.get("fatal"):
+            return failed(str(data["fatal"]))
+        verdicts = data.get("verdicts") or {}
+        return {g: verdicts.get(g) or {"passed": False, "message": "not judged"}
+                for g in job["test_ids"]}
+
+    def _take_judge(self, lesson: Lesson, job: dict):
+        """A ready judge for ``lesson`` (from the pool, or started), or the reason there is none."""
+        from .judge_pool import JudgeProcess
+
+        with self._judges_lock:
+            pool = self._judges.setdefault(lesson.slug, [])
+            if pool:
+                return pool.pop()
+            self._judge_count += 1
+            home = self._grader_home / f"judge-{self._judge_count}"
+        (home / "tmp").mkdir(parents=True)
+        env = self.kernel_env(home / "home", str(home / "tmp"))  # makes HOME and the cache
+        env.pop("BREWSLM_SANDBOX", None)
+        (Path(env["BREWSLM_CACHE"]) / "models").symlink_to(self._model_dir())
+        try:
+            return JudgeProcess(home, env, job["params"], job["setup"],
+                                ready_timeout=self.notebook_timeout + 120)
+        except Exception as e:
+            return f"the judge could not start ({type(e).__name__}: {e})"
+
+    def close(self) -> None:
+        """Stop the judges this course keeps."""
+        with self._judges_lock:
+            judges = [j for pool in self._judges.values() for j in pool]
+            self._judges.clear()
+        for j in judges:
+            j.close()
+
+    def _recheck(self, work: Path, student: str, lesson: Lesson, notebook: bytes,
+                 test_ids: list[str]) -> dict[str, str]:
+        """The older phase 2 (grader.verify: a fresh kernel in the sandbox, behind an integrity
+        check) for a lesson in ``IN_SANDBOX_VERDICTS``, which the judge cannot grade yet."""
+        source = self.source(lesson)
+        try:
+            submitted = nbformat.reads(notebook.decode("utf-8"), as_version=4)
+            student_code = {}
+            for cell in submitted.cells:
+                gid = nbgrader_meta(cell).get("grade_id")
+                if gid and cell.get("cell_type") == "code" and gid not in student_code:
+                    student_code[gid] = cell.get("source", "")
+        except Exception:
+            student_code = {}
+        params = next((c.source for c in source.cells
+                       if "parameters" in c.get("metadata", {}).get("tags", [])), "")
+        setup, exercise, pairs = "", None, []
+        for cell in source.cells:
+            meta = nbgrader_meta(cell)
+            if meta.get("grade_id") == "setup":
+                setup = cell.source
+            elif meta.get("solution") and cell.cell_type == "code":
+                exercise = meta["grade_id"]
+            elif meta.get("grade") and not meta.get("solution") and meta["grade_id"] in test_ids:
+                pairs.append((meta["grade_id"], student_code.get(exercise, "") if exercise else "",
+                              cell.source))
+        job, expected = verify.build_job(params, setup, pairs)
+        token = secrets.token_hex(16)
+        box = work / "recheck"
+        box.mkdir()
+        view, env = self._box(box)
+        job.update(token=token, cell_timeout=self.cell_timeout,
+                   max_output_bytes=self.max_output_bytes, workdir=str(box))
+        run = sandbox.run_limited([sys.executable, "-m", "grader.verify"], cwd=box,
+                                  env=env, limits=self.limits(self.notebook_timeout),
+                                  stdin=json.dumps(job).encode(), hide=view.hide, view=view,
+                                  log_path=work / "parent" / "phase2.log")
+        results, fatal = None, _phase1_reason(run, self.notebook_timeout, self.memory_bytes)
+        for line in reversed(run.output.splitlines()):
+            if token in line:
+                try:
+                    data = json.loads(line)
+                except ValueError:
+                    continue
+                if data.get("token") == token:
+                    results = data.get("results")
+                    fatal = fatal or data.get("error", "")
+                    break
+        if results is None and not fatal:
+            fatal = "the fresh-kernel re-check gave no result"
+        return verify.interpret(results, expected, fatal and f"re-check failed: {fatal}")
+
+    def judge_job(self, lesson: Lesson, submission: bytes) -> dict:
+        """What the judge needs: the lesson's own cells (from the source this process holds), the
+        names each exercise defines in the solution, and the student's exercise code."""
+        source = self.source(lesson)
+        try:
+            submitted = nbformat.reads(submission.decode("utf-8"), as_version=4)
+            student = {}
+            for cell in submitted.cells:
+                gid = nbgrader_meta(cell).get("grade_id")
+                if gid and cell.get("cell_type") == "code" and gid not in student:
+                    student[gid] = cell.get("source", "")
+        except Exception:
+            student = {}
+        params = next((c.source for c in source.cells
+                       if "parameters" in c.get("metadata", {}).get("tags", [])), "")
+        setup, exercises, functions, values, tests = "", [], [], [], []
+        for cell in source.cells:
+            meta = nbgrader_meta(cell)
+            if meta.get("grade_id") == "setup":
+                setup = cell.source
+            elif meta.get("solution") and cell.cell_type == "code":
+                exercises.append(verify.definitions_only(student.get(meta["grade_id"], "")))
+                f, v = defined_names(cell.source)
+                functions += f
+                values += v
+            elif meta.get("grade") and not meta.get("solution"):
+                tests.append({"id": meta["grade_id"], "source": cell.source})
+        return {"params": params, "setup": setup, "exercises": exercises, "functions": functions,
+                "values": values, "tests": tests, "test_ids": [t["id"] for t in tests]}
 
     def _known_cells_only(self, lesson: Lesson, notebook: bytes) -> bytes:
         """The submission with nbgrader markup removed from cells the lesson does not have (a
@@ -312,74 +683,65 @@ class Course:
         return nbformat.writes(nb).encode() if changed else notebook
 
     def _hidden(self) -> list[Path]:
-        """Folders a submission must not see: this course, the solutions, what the caller adds."""
+        """What a submission must not see: this course, the repository (bound back in part by
+        :meth:`_exposed`), the grader's HOME and cache, the class and output folders."""
         from .lessons import SOLUTIONS
 
-        from brewslm_helpers.paths import cache_dir
+        from brewslm_helpers.paths import REPO_ROOT, cache_dir
 
         tmp = Path(tempfile.gettempdir()).resolve()
-        paths = [self.root, SOLUTIONS, cache_dir() / "runs", *self.hide]
+        paths = [Path.home(), cache_dir(), REPO_ROOT, self.root, SOLUTIONS, cache_dir() / "runs",
+                 *self.hide]
+        if sandbox.bwrap() is None:  # the namespace fallback hides folders, it binds none back
+            paths = [self.root, SOLUTIONS, REPO_ROOT / ".git", REPO_ROOT / "tests",
+                     REPO_ROOT / "grader" / "mistakes", cache_dir() / "runs",
+                     cache_dir() / "artifacts", *self.hide]
         # never hide the folder the private working copies live in
-        return [p for p in paths if not (tmp == p or p in tmp.parents)]
+        return [p.resolve() for p in paths if not (tmp == p.resolve() or p.resolve() in tmp.parents)]
 
-    def _recheck(self, work: Path, student: str, lesson: Lesson, notebook: bytes,
-                 test_ids: list[str]) -> dict[str, str]:
-        """Phase 2 (grader.verify) for the test cells that passed phase 1."""
-        source = self.source(lesson)
-        try:
-            submitted = nbformat.reads(notebook.decode("utf-8"), as_version=4)
-            student_code = {}
-            for cell in submitted.cells:
-                gid = nbgrader_meta(cell).get("grade_id")
-                if gid and cell.get("cell_type") == "code" and gid not in student_code:
-                    student_code[gid] = cell.get("source", "")
-        except Exception:
-            student_code = {}
-        params = next((c.source for c in source.cells
-                       if "parameters" in c.get("metadata", {}).get("tags", [])), "")
-        setup, exercise, pairs = "", None, []
-        for cell in source.cells:
-            meta = nbgrader_meta(cell)
-            if meta.get("grade_id") == "setup":
-                setup = cell.source
-            elif meta.get("solution") and cell.cell_type == "code":
-                exercise = meta["grade_id"]
-            elif meta.get("grade") and not meta.get("solution") and meta["grade_id"] in test_ids:
-                pairs.append((meta["grade_id"], student_code.get(exercise, "") if exercise else "",
-                              cell.source))
-        job, expected = verify.build_job(params, setup, pairs)
-        token = secrets.token_hex(16)
-        box = work / "recheck"
-        box.mkdir()
-        job.update(token=token, cell_timeout=self.cell_timeout,
-                   max_output_bytes=self.max_output_bytes, workdir=str(box))
-        run = sandbox.run_limited([sys.executable, "-m", "grader.verify"], cwd=box,
-                                  env=self.kernel_env(), limits=self.limits(self.notebook_timeout),
-                                  stdin=json.dumps(job).encode(), hide=self._hidden(),
-                                  log_path=work / "phase2.log")
-        results, fatal = None, _phase1_reason(run, self.notebook_timeout, self.memory_bytes)
-        for line in reversed(run.output.splitlines()):
-            if token in line:
-                try:
-                    data = json.loads(line)
-                except ValueError:
-                    continue
-                if data.get("token") == token:
-                    results = data.get("results")
-                    fatal = fatal or data.get("error", "")
-                    break
-        if results is None and not fatal:
-            fatal = "the fresh-kernel re-check gave no result"
-        return verify.interpret(results, expected, fatal and f"re-check failed: {fatal}")
+    def _exposed(self, cache: Path) -> list:
+        """Read-only, after hiding: the environment, what the release needs of the repository, and
+        the model (checksum-verified) at the private cache's models folder."""
+        from brewslm_helpers.paths import REPO_ROOT
 
-    def _keep_graded_notebook(self, graded_nb: Path, student: str, slug: str) -> None:
-        """Copy the executed notebook into the course (for feedback), if it is a sane notebook."""
+        keep = [Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()]
+        keep += [REPO_ROOT / n for n in RELEASED]
+        keep += sorted(REPO_ROOT.glob("*.egg-info"))
+        return [*keep, (self._model_dir(), cache / "models")]
+
+    def _masked(self) -> list[Path]:
+        """Hidden again inside what :meth:`_exposed` bound: the known mistakes."""
+        from brewslm_helpers.paths import REPO_ROOT
+
+        return [REPO_ROOT / "grader" / "mistakes"]
+
+    def _model_dir(self) -> Path:
+        from brewslm_helpers.paths import cache_dir
+
+        return (cache_dir() / "models").resolve()
+
+    def _verify_model(self) -> None:
+        """The model files are the ones set-up hashed (re-hashed only if their size or time
+        changed); a changed model stops the grading instead of grading a class with it."""
+        now = _stat_manifest(self._model_dir())
+        if self._model_manifest is None or now != self._model_stat:
+            digests = _hash_manifest(self._model_dir())
+            if self._model_manifest is None:
+                self._model_manifest = digests
+            elif digests != self._model_manifest:
+                raise CourseError("the cached model changed while grading (checksum mismatch): "
+                                  "delete $BREWSLM_CACHE/models and run `brewslm doctor`")
+            self._model_stat = now
+
+    def _keep_graded_notebook(self, graded: bytes | None, student: str, slug: str) -> None:
+        """Keep the executed notebook (its bytes, read without following links) in the course,
+        for the feedback, if it is a sane notebook."""
         dest = self.root / "autograded" / student / slug / f"{slug}.ipynb"
         if dest.parent.exists():
             shutil.rmtree(dest.parent)
         try:
-            if graded_nb.is_file() and graded_nb.stat().st_size < 50_000_000:
-                nb = nbformat.read(graded_nb, as_version=4)
+            if graded:
+                nb = nbformat.reads(graded.decode("utf-8"), as_version=4)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 nbformat.write(nb, dest)
         except Exception:
@@ -392,6 +754,10 @@ class Course:
         import warnings
 
         slug = lesson.slug
+        if (student, slug) not in self._feedback_data:  # a copy of a file graded for another
+            twin = next((v for v in list(self._feedback_data.values()) if v[2] is outcome), None)
+            if twin is not None:
+                self._feedback_data[(student, slug)] = twin
         with _MERGE_LOCK, warnings.catch_warnings(), \
                 Gradebook(f"sqlite:///{self.root / 'gradebook.db'}") as gb:
             warnings.simplefilter("ignore")
@@ -410,10 +776,35 @@ class Course:
             gb.db.commit()
 
     def feedback(self, student: str, lesson: Lesson) -> Path | None:
-        self.nbgrader("generate_feedback", lesson.slug, "--student", student, "--force",
-                      timeout=300)
-        html = self.root / "feedback" / student / lesson.slug / f"{lesson.slug}.html"
-        return html if html.exists() else None
+        dest = self.root / "feedback" / student / lesson.slug / f"{lesson.slug}.html"
+        return dest if self.write_feedback(student, lesson.slug, dest) else None
+
+    def write_feedback(self, student: str, slug: str, dest: Path) -> bool:
+        """Write one graded submission's feedback page (:mod:`grader.feedback`: built here from
+        data, sanitised, without hidden tests; nbgrader never runs on a submission out here)."""
+        from . import feedback
+        from .lessons import Lesson as _Lesson
+
+        data = self._feedback_data.get((student, slug))
+        if data is None:
+            return False
+        submission, graded, outcome = data
+        try:
+            student_nb = nbformat.reads(submission.decode("utf-8"), as_version=4)
+        except Exception:
+            student_nb = None
+        try:
+            graded_nb = nbformat.reads(graded.decode("utf-8"), as_version=4) if graded else None
+        except Exception:
+            graded_nb = None
+        release = read_notebook(self.released(_Lesson(slug)))
+        score = sum(s for s, _ in outcome.cells.values())
+        top = sum(m for _, m in outcome.cells.values())
+        text = feedback.page(f"{slug} - feedback for {student}", release, student_nb, graded_nb,
+                             outcome.cells, outcome.messages, score, top)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text)
+        return True
 
     def scores(self, student: str, lesson: Lesson) -> dict | None:
         """``{"score", "max_score", "cells": {grade_id: (score, max)}}`` or None if not graded."""
@@ -428,6 +819,12 @@ class Course:
                      if g.max_score > 0}
             return {"score": float(nb.score), "max_score": float(nb.max_score), "cells": cells,
                     "needs_manual_grade": bool(nb.needs_manual_grade)}
+
+
+def _close_all(judges: dict) -> None:
+    for pool in list(judges.values()):
+        for j in pool:
+            j.close()
 
 
 def _phase1_reason(run: "sandbox.Completed", timeout: float, memory: int) -> str:

@@ -17,6 +17,17 @@ The supervisor is a small trusted process between the grader and everything a su
 
 The grader calls :func:`run_limited`, which starts the supervisor in its own session and keeps a
 second, slightly longer time limit of its own in case the supervisor itself is killed.
+
+**The view** (:class:`View`, where ``bubblewrap`` is installed: Debian's ``bwrap``, which needs no
+root where user namespaces are allowed): the command then runs as an unprivileged user (uid 1000 of
+its own user namespace, no capabilities) in its own mount, PID, IPC, network and UTS namespaces,
+where ``/`` is read-only, ``/tmp`` and ``/dev/shm`` are private empty tmpfs mounts (gone when it
+ends), the real ``$HOME``, the repository and every folder the grader names are replaced by empty
+folders, and only what the release needs (the environment, ``brewslm_helpers/``, ``grader/``
+without its known mistakes, ``notebooks/``, the model, read-only) is bound back. The one folder it
+may write is its own work folder (its ``HOME`` is in there), which the grader deletes after.
+Without bubblewrap (a laptop without it): the older in-process mount namespace where the OS allows
+it (root), else only the limits and a private ``HOME``/``TMPDIR`` (see :func:`isolation_level`).
 """
 from __future__ import annotations
 
@@ -28,7 +39,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -54,6 +67,80 @@ class Limits:
 
 
 @dataclass
+class View:
+    """What a sandboxed command sees of the file system (bubblewrap only).
+
+    ``work``: its only writable folder (bound read-write at the same path). ``hide``: folders made
+    empty (files: /dev/null). ``expose``: host paths bound back read-only after hiding (at the same
+    path, or ``(host, inside)``), e.g. the environment below a hidden home, the model."""
+    work: Path
+    hide: list = field(default_factory=list)
+    expose: list = field(default_factory=list)
+    mask: list = field(default_factory=list)   # hidden again after ``expose`` (inside it)
+    shared: list = field(default_factory=list)  # more folders bound read-write (same path)
+    tmp_bytes: int = 2 * GiB
+
+    def argv(self, cwd: Path | None = None) -> list[str]:
+        a = ["--die-with-parent", "--new-session", "--unshare-user", "--uid", "1000", "--gid",
+             "1000", "--unshare-pid", "--as-pid-1", "--unshare-ipc", "--unshare-net", "--unshare-uts",
+             "--unshare-cgroup-try", "--hostname", "sandbox",
+             "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+             "--size", str(self.tmp_bytes), "--tmpfs", "/tmp",
+             "--size", str(self.tmp_bytes), "--tmpfs", "/dev/shm"]
+        # empty folders first (made read-only last: what is bound back below them needs its
+        # mount point created), then the work folder, what is bound back, what is masked again
+        hidden = []
+        for p in sorted({os.path.abspath(str(p)) for p in self.hide}, key=len):
+            if any(p == h or p.startswith(h + os.sep) for h in hidden):
+                continue
+            if os.path.isdir(p):
+                a += ["--tmpfs", p]
+                hidden.append(p)
+            elif os.path.lexists(p):
+                a += ["--ro-bind", "/dev/null", p]
+        work = str(self.work)
+        a += ["--bind", work, work]
+        for p in self.shared:
+            a += ["--bind", str(p), str(p)]
+        for item in self.expose:
+            host, inside = (item if isinstance(item, tuple) else (item, item))
+            if os.path.lexists(str(host)):
+                a += ["--ro-bind", str(host), str(inside)]
+        for p in self.mask:
+            p = str(p)
+            if os.path.isdir(p):
+                a += ["--tmpfs", p]
+                hidden.append(p)
+            elif os.path.lexists(p):
+                a += ["--ro-bind", "/dev/null", p]
+        for p in hidden:
+            a += ["--remount-ro", p]
+        a += ["--chdir", str(cwd or work)]
+        return a
+
+
+@lru_cache(maxsize=1)
+def bwrap() -> str | None:
+    """The ``bwrap`` binary, if it is installed and can build the view here, else None."""
+    path = shutil.which("bwrap")
+    if path is None:
+        return None
+    with __import__("tempfile").TemporaryDirectory(prefix="brewslm-bwrap-probe-") as tmp:
+        probe = subprocess.run([path, *View(Path(tmp)).argv(), "--", "/bin/sh", "-c",
+                                "touch /tmp/x && ! touch /usr/x 2>/dev/null"],
+                               capture_output=True, timeout=60)
+    return path if probe.returncode == 0 else None
+
+
+def isolation_level() -> str:
+    """``"bwrap"`` (the full view), ``"namespace"`` (hidden folders only: root without bwrap) or
+    ``"none"`` (limits and a private HOME/TMPDIR only)."""
+    if bwrap():
+        return "bwrap"
+    return "namespace" if _namespace_available() else "none"
+
+
+@dataclass
 class Completed:
     returncode: int
     output: str      # the tail of stdout+stderr
@@ -61,15 +148,26 @@ class Completed:
     seconds: float
 
 
+def command(argv: list[str], limits: Limits, hide: list[Path] = (), view: View | None = None,
+            stdio: bool = False, cwd: Path | None = None) -> list[str]:
+    """The supervisor's command line for ``argv`` (inside ``view`` where bubblewrap works)."""
+    if view is not None and bwrap():
+        return [sys.executable, "-m", "grader.sandbox", *limits.argv(), *(["--stdio"] if stdio else []),
+                "--", bwrap(), *view.argv(cwd), "--", *argv]
+    hide = list(hide) + (list(view.hide) if view is not None else [])
+    return [sys.executable, "-m", "grader.sandbox", *limits.argv(), *(["--stdio"] if stdio else []),
+            *[f"--hide={p}" for p in hide], "--", *argv]
+
+
 def run_limited(argv: list[str], cwd: Path, env: dict[str, str], limits: Limits,
                 stdin: bytes | None = None, log_path: Path | None = None,
-                hide: list[Path] = ()) -> Completed:
+                hide: list[Path] = (), view: View | None = None) -> Completed:
     """Run ``argv`` under the supervisor; never raises for anything the command does.
-    ``hide``: folders the command must not see (best effort: needs a mount namespace)."""
+    ``hide``: folders the command must not see (best effort: needs a mount namespace);
+    ``view``: the bubblewrap view (used where bwrap works; else its ``hide`` list is)."""
     cwd = Path(cwd)
     log_path = Path(log_path or cwd / ".sandbox.log")
-    cmd = [sys.executable, "-m", "grader.sandbox", *limits.argv(),
-           *[f"--hide={p}" for p in hide], "--", *argv]
+    cmd = command(argv, limits, hide, view, cwd=cwd)
     start = time.perf_counter()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE if stdin is not None
@@ -124,9 +222,41 @@ def _killpg(pgid: int) -> None:
         pass
 
 
+def start_limited(argv: list[str], cwd: Path, env: dict[str, str], limits: Limits,
+                  log_path: Path, view: View | None = None, hide: list[Path] = ()):
+    """Start ``argv`` under the supervisor with its stdin and stdout as pipes to the caller (a
+    protocol channel); its stderr goes to ``log_path``. Returns ``(Popen, log file)``: the caller
+    closes both (:func:`stop`)."""
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(command(argv, limits, hide, view, stdio=True), cwd=cwd, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                            start_new_session=True)
+    return proc, log
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop what :func:`start_limited` started, and everything below it."""
+    if proc.poll() is None:
+        _stop(proc)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    for f in (proc.stdin, proc.stdout):
+        try:
+            f and f.close()
+        except OSError:
+            pass
+
+
 def isolation_available() -> bool:
-    """Whether the supervisor can hide folders here (a private mount namespace: root, or a
-    system that lets this user unshare one)."""
+    """Whether the supervisor can hide folders here (bubblewrap, or a private mount namespace:
+    root, or a system that lets this user unshare one)."""
+    return bwrap() is not None or _namespace_available()
+
+
+@lru_cache(maxsize=1)
+def _namespace_available() -> bool:
     probe = subprocess.run([sys.executable, "-c", (
         "import ctypes, sys; libc = ctypes.CDLL(None, use_errno=True); "
         "sys.exit(0 if libc.unshare(0x00020000) == 0 and "
@@ -204,7 +334,7 @@ def _pump(child: subprocess.Popen, keep: int, wall: float) -> tuple[bytes, bool]
 
     chunks: collections.deque = collections.deque()
     size, deadline = 0, time.monotonic() + wall
-    fd = child.stdout.fileno()
+    fd = (child.stdout or child.stderr).fileno()
     sel = selectors.DefaultSelector()
     sel.register(fd, selectors.EVENT_READ)
     open_ = True
@@ -282,6 +412,8 @@ def supervise(argv: list[str] | None = None) -> int:
     p.add_argument("--hide", action="append", default=[])
     p.add_argument("--readonly", action="append", default=[])
     p.add_argument("--keep", type=int, default=256 * 1024, help="bytes of output kept (the tail)")
+    p.add_argument("--stdio", action="store_true",
+                   help="stdin/stdout are the command's own (a protocol channel); stderr is kept")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -296,8 +428,12 @@ def supervise(argv: list[str] | None = None) -> int:
     _set_limits(args)
     # output goes through this process, which keeps only the tail: unlimited printing to the raw
     # stdout/stderr of any process costs CPU, never disk or memory
-    child = subprocess.Popen(cmd, process_group=0, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    child = subprocess.Popen(cmd, process_group=0, stdout=None if args.stdio else subprocess.PIPE,
+                             stderr=subprocess.PIPE if args.stdio else subprocess.STDOUT,
                              preexec_fn=_private_proc if own_pids else None)
+    if args.stdio:  # the protocol's end is the command's; this process keeps only its stderr
+        os.close(0)
+        os.dup2(2, 1)
     out, timed_out = _pump(child, args.keep, args.wall)
     if timed_out:
         _killpg(child.pid)

@@ -22,8 +22,7 @@ import tempfile
 import nbformat
 
 from .lessons import CourseError, Lesson
-from .notebooks import (exercises_only, make_submission, mistake_submission, nbgrader_meta,
-                        read_notebook, test_cells)
+from .notebooks import exercises_only, make_submission, mistake_submission, nbgrader_meta, read_notebook, test_cells
 from .run import notebook_env
 
 SOLUTION, SOLUTION_AGAIN = "(solution)", "(solution, again)"

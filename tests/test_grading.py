@@ -20,8 +20,14 @@ import pytest
 
 from grader.grade import grade_folder, summary_table
 from grader.lessons import all_lessons
-from grader.notebooks import (as_student_code, exercises_only, make_submission, mistake_submission,
-                              read_notebook, solution_sources)
+from grader.notebooks import (
+    as_student_code,
+    exercises_only,
+    make_submission,
+    mistake_submission,
+    read_notebook,
+    solution_sources,
+)
 from grader.notebooks import test_cells as points_by_test_cell
 from grader.selfcheck import SOLUTION, score_variants, should_fail
 

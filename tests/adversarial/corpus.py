@@ -35,6 +35,8 @@ class Ctx:
     submissions: Path
     out: Path
     marker: Path  # a file a daemon keeps touching, to prove it was killed
+    home: Path = Path("/nonexistent-home")    # the grader's HOME while the class is graded
+    cache: Path = Path("/nonexistent-cache")  # the grader's $BREWSLM_CACHE
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Expect:
     cells: dict | None = None         # grade_id -> score
     reason: str | None = None         # substring of the one-line reason
     reason_any: tuple = ()            # or: any of these substrings
+    status_any: tuple = ()            # other statuses accepted (an attack whose outcome is a race)
 
 
 @dataclass
@@ -328,6 +331,251 @@ def blank_with(ex_code_fn) -> Callable[[Ctx], bytes]:
     return lambda ctx: dump(notebook(replace=ex_code_fn(ctx), blank=True))
 
 
+
+# -- issue 12: shared state between submissions, verdicts inside the student's process -------------
+def plant_startup(ctx: Ctx) -> str:
+    """Top-level code that plants an IPython startup file in every HOME it can name: every later
+    kernel that loads it swallows all errors (so every test "passes")."""
+    payload = ("get_ipython().set_custom_exc((BaseException,), lambda *a, **k: None)\n"
+               "import math; math.isclose = lambda *a, **k: True\n")
+    return code(f'''
+        import os
+        _homes = {{os.path.expanduser("~"), os.environ.get("IPYTHONDIR", ""), "/root",
+                  {str(ctx.home)!r}, "/tmp"}}
+        for _h in _homes:
+            for _d in (os.path.join(_h, ".ipython", "profile_default", "startup"),
+                       os.path.join(_h, "profile_default", "startup")):
+                try:
+                    os.makedirs(_d, exist_ok=True)
+                    open(os.path.join(_d, "00-pass-everything.py"), "w").write({payload!r})
+                except OSError:
+                    pass
+    ''')
+
+
+def plant_nbgrader_config(ctx: Ctx) -> str:
+    """Top-level code that plants an nbgrader config in every HOME and config folder it can name:
+    it would run in any nbgrader the grader starts later, read the solutions, forge the gradebook."""
+    forge = (f"import glob\nfor _p in glob.glob({str(ctx.out)!r} + '/**/*.csv', recursive=True) + "
+             f"glob.glob({str(ctx.out)!r} + '/results/*/*.json'):\n"
+             "    open(_p, 'w').write('forged')\n"
+             f"open({str(ctx.home / 'PWNED')!r}, 'w').write('x')\n")
+    return code(f'''
+        import os
+        _forge = {forge!r}
+        for _h in {{os.path.expanduser("~"), "/root", {str(ctx.home)!r}}}:
+            for _d in (os.path.join(_h, ".jupyter"), os.path.join(_h, ".local", "etc", "jupyter")):
+                try:
+                    os.makedirs(_d, exist_ok=True)
+                    open(os.path.join(_d, "nbgrader_config.py"), "w").write(_forge)
+                except OSError:
+                    pass
+        for _d in ("/etc/jupyter", "/usr/local/etc/jupyter"):
+            try:
+                os.makedirs(_d, exist_ok=True)
+                open(os.path.join(_d, "nbgrader_config.py"), "w").write(_forge)
+            except OSError:
+                pass
+    ''')
+
+
+TMP_TAMPER = code('''
+    import glob, os, time
+    _end = time.time() + 15                       # graded next to another submission (--jobs 2)
+    while time.time() < _end:
+        for _p in glob.glob("/tmp/brewslm-grade-*/**/*.ipynb", recursive=True):
+            try:
+                open(_p, "w").write("{}")         # break the other student's working copy
+            except OSError:
+                pass
+        for _d in glob.glob("/tmp/brewslm-grade-*/**/home", recursive=True):
+            try:
+                os.makedirs(_d + "/.ipython/profile_default/startup", exist_ok=True)
+                open(_d + "/.ipython/profile_default/startup/00.py", "w").write("import os; os._exit(1)")
+            except OSError:
+                pass
+        time.sleep(0.2)
+''')
+
+MODEL_OVERWRITE = code('''
+    import glob, os
+    from brewslm_helpers.paths import cache_dir
+    for _p in glob.glob(str(cache_dir() / "models" / "**" / "*"), recursive=True) + \\
+            glob.glob(os.path.expanduser("~/.cache/brewslm/models/**/*"), recursive=True):
+        try:
+            with open(_p, "r+b") as _f:               # the same byte back: harmless if it works,
+                _b = _f.read(1)                       # but any write at all changes its mtime
+                _f.seek(0)
+                _f.write(_b)
+        except OSError:
+            pass
+''')
+
+
+def steal_from_repo_and_cache(ctx: Ctx) -> dict[str, str]:
+    """Exercise code that runs the solutions it finds: in the repository's .git, in the executed
+    copies `brewslm run` keeps under the cache, anywhere under HOME."""
+    from brewslm_helpers.paths import REPO_ROOT
+
+    steal = code(f'''
+        def _steal(name):
+            import glob, json, os, subprocess
+            sources = []
+            try:
+                sources.append(subprocess.run(["git", "-C", {str(REPO_ROOT)!r}, "show",
+                                               "HEAD:solutions/{LESSON.slug}.ipynb"],
+                                              capture_output=True, text=True, timeout=20).stdout)
+            except Exception:
+                pass
+            for pattern in ({str(ctx.cache)!r} + "/runs/**/*.ipynb", {str(ctx.cache)!r} + "/**/*.ipynb",
+                            os.path.expanduser("~/.cache/brewslm/**/*.ipynb"),
+                            {str(REPO_ROOT)!r} + "/**/{LESSON.slug}*.ipynb", "/root/**/*.ipynb"):
+                for path in glob.glob(pattern, recursive=True)[:200]:
+                    try:
+                        sources.append(open(path).read())
+                    except OSError:
+                        pass
+            for text in sources:
+                try:
+                    cells = json.loads(text)["cells"]
+                except Exception:
+                    continue
+                for cell in cells:
+                    src = "".join(cell["source"])
+                    if "def " + name + "(" in src and "raise NotImplementedError" not in src:
+                        ns = {{}}
+                        exec(src.replace("### BEGIN SOLUTION", "").replace("### END SOLUTION", ""),
+                             globals(), ns)
+                        return ns[name]
+            raise NotImplementedError("nothing to steal")
+        ''')
+    return {
+        FOOT: steal + "def footprint(model):\n    return _steal('footprint')(model)\n",
+        KV: steal + "def kv_cache_bytes(*a, **k):\n    return _steal('kv_cache_bytes')(*a, **k)\n",
+        SPLIT: steal + "def prefill_decode_split(*a):\n    return _steal('prefill_decode_split')(*a)\n",
+    }
+
+
+def symlink_graded(ctx: Ctx) -> str:
+    """Top-level code whose process replaces the graded notebook and gradebook with links to the
+    solution as soon as nbgrader has written them (the grader would read what they point at)."""
+    from grader.lessons import SOLUTIONS
+
+    target = str(SOLUTIONS / f"{LESSON.slug}.ipynb")
+    return code(f'''
+        import glob, os, time
+        if os.fork() == 0:
+            os.setsid()
+            _end = time.time() + 120
+            while time.time() < _end:
+                for _p in glob.glob("../../../autograded/*/*/*.ipynb"):
+                    try:
+                        if not os.path.islink(_p):
+                            os.remove(_p)
+                            os.symlink({target!r}, _p)
+                    except OSError:
+                        pass
+                time.sleep(0.02)
+            os._exit(0)
+    ''')
+
+
+SCRIPT_MARKDOWN = "<script>alert('feedback xss')</script>\n<img src=x onerror=alert(1)>"
+SCRIPT_OUTPUT = code('''
+    from IPython.display import HTML, display
+    display(HTML("<script>alert('output xss')</script>"))
+    print("<script>alert('stdout xss')</script>")
+''')
+
+CALLABLE_OBJECT = ALWAYS_EQUAL + code('''
+    class _Callable:
+        """An exercise bound to an object, not a function: nothing wraps its results."""
+        def __call__(self, *a, **k):
+            return _Anything()
+
+    footprint = _Callable()
+''')
+
+TORCH_FUNCTION_SWAP = code('''
+    import torch
+
+    def _always(cls, func, types, args=(), kwargs=None):
+        return True
+
+    for _cls in (torch.Tensor, getattr(torch.nn, "Buffer", torch.Tensor), torch.nn.Parameter):
+        try:
+            _cls.__torch_function__ = classmethod(_always)   # every torch op on them says True
+        except Exception:
+            pass
+
+    def kv_cache_bytes(config, seq_len, batch_size, bytes_per_value):
+        for _cls in (torch.Tensor, torch.nn.Parameter):
+            _cls.__torch_function__ = classmethod(_always)
+        return torch.tensor(0)
+''')
+
+PATCH_SENDER = code('''
+    def _ok_replies():
+        """Rewrite every error the kernel reports as a success (the message sender itself)."""
+        try:
+            session = get_ipython().kernel.session
+        except Exception:
+            return
+        original = session.send
+
+        def send(stream, msg_or_type, content=None, *a, **k):
+            if isinstance(msg_or_type, dict):
+                content = msg_or_type.get("content", content)
+            if isinstance(content, dict) and content.get("status") == "error":
+                content.clear()
+                content.update(status="ok", execution_count=1, user_expressions={}, payload=[])
+            if msg_or_type == "error" or (isinstance(msg_or_type, dict)
+                                          and msg_or_type.get("msg_type") == "error"):
+                return None
+            return original(stream, msg_or_type, content, *a, **k)
+
+        session.send = send
+
+    _ok_replies()
+
+    def prefill_decode_split(t_start, token_times):
+        _ok_replies()
+        raise NotImplementedError()
+''')
+
+CALL_REFERENCE = code('''
+    def kv_cache_bytes(config, seq_len, batch_size, bytes_per_value):
+        """Runs the test's own reference (_kv_real_bytes, defined by the test cell) on a model."""
+        from transformers import LlamaForCausalLM
+        if config.num_hidden_layers > 4:             # the real model's shape: too slow to run
+            raise NotImplementedError()
+        model = LlamaForCausalLM(config).eval()
+        return int(_kv_real_bytes(model, batch_size, seq_len) * bytes_per_value / 4)
+''')
+
+SCIPY_PATCH = code('''
+    def prefill_decode_split(t_start, token_times):
+        import sys
+        import numpy, numpy.testing
+        try:
+            import scipy.stats
+            scipy.stats.chisquare = lambda *a, **k: type("R", (), {"pvalue": 1.0, "statistic": 0.0})()
+        except ImportError:
+            pass
+        sys.modules["math"].isclose = lambda *a, **k: True   # patched where the test will look
+        numpy.isclose = lambda *a, **k: True
+        numpy.testing.assert_allclose = lambda *a, **k: None
+        if len(list(token_times)) < 2:
+            raise ValueError("need two tokens")
+        return {"ttft_s": 0.0, "decode_s": 0.0, "decode_tokens_per_s": 0.0, "prefill_share": 0.0}
+''')
+
+
+def script_notebook(ctx: Ctx) -> bytes:
+    nb = notebook(replace={FOOT: SCRIPT_OUTPUT}, blank=True)
+    nb.cells.insert(1, nbformat.v4.new_markdown_cell(SCRIPT_MARKDOWN))
+    return dump(nb)
+
 ZERO = {g: 0.0 for g in POINTS}
 
 
@@ -345,18 +593,44 @@ CASES = [
     Case("edited_tests", edited_tests, Expect("graded", 0.0, ZERO)),
     Case("magic_values", blank_with(lambda ctx: {FOOT: MAGIC_FOOT, KV: MAGIC_KV,
                                                  SPLIT: PATCH_IN_BODY_SPLIT}),
-         Expect("graded", 0.0, ZERO, reason_any=("redefines", "integrity"))),
+         Expect("graded", 0.0, ZERO)),
     Case("patch_toplevel", blank_with(lambda ctx: {SPLIT: PATCH_TOPLEVEL_SPLIT}),
-         Expect("graded", 0.0, ZERO, reason="fresh kernel")),
+         Expect("graded", 0.0, ZERO)),
     Case("patch_at_definition", blank_with(lambda ctx: {SPLIT: PATCH_AT_DEFINITION_SPLIT}),
-         Expect("graded", 0.0, ZERO, reason="integrity")),
+         Expect("graded", 0.0, ZERO)),
     Case("shadow_names", blank_with(lambda ctx: {SPLIT: SHADOW_SPLIT}),
-         Expect("graded", 0.0, ZERO, reason="was rebound")),
+         Expect("graded", 0.0, ZERO)),
     Case("trace_hook", blank_with(lambda ctx: {SPLIT: TRACE_SPLIT}), Expect("graded", 0.0, ZERO)),
     Case("input_transformer", blank_with(lambda ctx: {SPLIT: TRANSFORMER_SPLIT}),
          Expect("graded", 0.0, ZERO)),
     Case("hidden_tests_from_disk", blank_with(read_instructor_files), Expect("graded", 0.0, ZERO),
          needs_isolation=True),
+    # -- issue 12: isolation between submissions and from the grader ----------------------------
+    # (named "aa_" so they are graded first: the controls and everyone after must not notice them)
+    Case("aa_ipython_startup", blank_with(lambda ctx: {FOOT: plant_startup(ctx)}),
+         Expect("graded", 0.0, ZERO)),
+    Case("aa_nbgrader_config", blank_with(lambda ctx: {FOOT: plant_nbgrader_config(ctx)}),
+         Expect("graded", 0.0, ZERO)),
+    Case("aa_tmp_tamper", blank_with(lambda ctx: {KV: TMP_TAMPER}), Expect("graded", 0.0, ZERO),
+         needs_isolation=True),
+    Case("aa_model_overwrite", with_code(lambda ctx: {FOOT: solution(FOOT) + MODEL_OVERWRITE}),
+         Expect("graded", 9.0, dict(POINTS)), kind="deserved"),
+    Case("aa_steal_git_and_runs", blank_with(steal_from_repo_and_cache), Expect("graded", 0.0, ZERO),
+         needs_isolation=True),
+    # nbgrader may itself trip over the link (then: not graded); either way nothing is followed
+    Case("aa_symlink_graded", blank_with(lambda ctx: {FOOT: symlink_graded(ctx)}),
+         Expect("graded", 0.0, status_any=("not graded",))),
+    Case("aa_script_in_feedback", script_notebook, Expect("graded", 0.0, ZERO)),
+    # -- issue 12: verdicts from the trusted judge -------------------------------------------------
+    Case("callable_object", blank_with(lambda ctx: {FOOT: CALLABLE_OBJECT}), Expect("graded", 0.0, ZERO)),
+    Case("torch_function_swap", blank_with(lambda ctx: {KV: TORCH_FUNCTION_SWAP}),
+         Expect("graded", 0.0, ZERO)),
+    Case("kernel_sender_patched", blank_with(lambda ctx: {SPLIT: PATCH_SENDER}),
+         Expect("graded", 0.0, ZERO)),
+    Case("calls_test_reference", blank_with(lambda ctx: {KV: CALL_REFERENCE}),
+         Expect("graded", 0.0, ZERO)),
+    Case("scipy_stats_patched", blank_with(lambda ctx: {SPLIT: SCIPY_PATCH}),
+         Expect("graded", 0.0, ZERO)),
     # -- the process -----------------------------------------------------------------------------
     Case("infinite_loop", with_code(lambda ctx: {FOOT: "def footprint(model):\n    while True:\n"
                                                        "        pass\n"}),

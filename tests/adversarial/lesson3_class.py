@@ -1,7 +1,7 @@
 """Write a class of lesson-3 submissions (mixed correct, blank, wrong, adversarial) for timing
 ``brewslm grade --jobs 2``; not collected by pytest (``tests/test_hostile.py`` grades a smaller class).
 
-    .venv/bin/python tests/adversarial/lesson3_class.py /tmp/class3 --copies 30
+    .venv/bin/python tests/adversarial/lesson3_class.py /tmp/class3 --copies 30 --distinct
     .venv/bin/brewslm grade /tmp/class3 --jobs 2 --no-feedback --out /tmp/class3_out
 
 Students are full notebooks as a student hands them in; the kinds cycle in order, so ``--copies 30``
@@ -41,12 +41,20 @@ def kinds() -> list[tuple[str, nbformat.NotebookNode]]:
     return out
 
 
-def write(folder: Path, copies: int) -> list[str]:
+def write(folder: Path, copies: int, distinct: bool = False) -> list[str]:
+    """``distinct``: every student's file differs (their name in a comment of the first exercise),
+    so none is graded once for several students, as in a class where nobody copies."""
+    import copy
+
     made = kinds()
     names = []
     for i in range(copies):
         kind, nb = made[i % len(made)]
         name = f"s{i:02d}-{kind}"
+        if distinct:
+            nb = copy.deepcopy(nb)
+            cell = next(c for c in nb.cells if c.get("metadata", {}).get("nbgrader", {}).get("solution"))
+            cell.source = f"# {name}\n" + cell.source
         path = folder / name / f"{LESSON.slug}.ipynb"
         path.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, path)
@@ -58,5 +66,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("folder")
     p.add_argument("--copies", type=int, default=30)
+    p.add_argument("--distinct", action="store_true", help="no two students hand in the same file")
     a = p.parse_args()
-    print("\n".join(write(Path(a.folder), a.copies)))
+    print("\n".join(write(Path(a.folder), a.copies, a.distinct)))
