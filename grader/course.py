@@ -733,6 +733,15 @@ class Course:
                                   "delete $BREWSLM_CACHE/models and run `brewslm doctor`")
             self._model_stat = now
 
+    def adopt(self, student: str, lesson: Lesson, notebook: bytes, graded: bytes | None,
+              outcome: Outcome) -> None:
+        """Take ``outcome`` (and its executed notebook) for ``student``'s ``notebook`` without
+        grading it: the same bytes were graded already (the lesson's own solution, by the
+        environment check), and grading depends only on the bytes and the lesson."""
+        self._keep_graded_notebook(graded, student, lesson.slug)
+        self._feedback_data[(student, lesson.slug)] = (self._known_cells_only(lesson, notebook),
+                                                       graded, outcome)
+
     def _keep_graded_notebook(self, graded: bytes | None, student: str, slug: str) -> None:
         """Keep the executed notebook (its bytes, read without following links) in the course,
         for the feedback, if it is a sane notebook."""

@@ -384,8 +384,8 @@ def grade_folder(submissions: Path, out_dir: Path, budget: str = "ci", feedback:
                 # the lesson's own solution, already graded by the environment check: same bytes,
                 # same verdict (as for any two identical files)
                 outcome = check.outcome
-                if check.graded_notebook is not None:
-                    course._keep_graded_notebook(check.graded_notebook, sub.student, sub.lesson.slug)
+                graded = check.graded_notebook.read_bytes() if check.graded_notebook else None
+                course.adopt(sub.student, sub.lesson, data, graded, outcome)
             else:
                 outcome = course.grade_private(sub.student, sub.lesson, data)
             course.last_outcome[(sub.student, sub.lesson.slug)] = outcome
