@@ -296,9 +296,12 @@ def _check_folder() -> Path:
 
 
 def nbformat_bytes(nb) -> bytes:
+    """The bytes ``nbformat.write`` puts in a file (it ends the text with a newline), so that a
+    student's file written that way is recognised as the same file."""
     import nbformat
 
-    return nbformat.writes(nb).encode()
+    text = nbformat.writes(nb)
+    return (text if text.endswith("\n") else text + "\n").encode()
 
 
 def grade_folder(submissions: Path, out_dir: Path, budget: str = "ci", feedback: bool = True,
