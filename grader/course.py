@@ -51,7 +51,8 @@ from brewslm_helpers.paths import cache_dir
 # lessons whose marks still come from the older in-sandbox re-check (grader.verify), because the
 # judge cannot grade them yet: their exercises change a model given to them in place, and the
 # judge does not copy an argument's changes back (see the README; the isolation applies to all)
-IN_SANDBOX_VERDICTS = {"13_pruning": "exercises prune a model in place"}
+IN_SANDBOX_VERDICTS = {"13_pruning": "exercises prune a model in place",
+                       "09_observability": "tests hand the exercises SQLite connections and files"}
 # what a submission's sandbox sees of the repository (read-only): what the release ships
 RELEASED = ["brewslm_helpers", "grader", "notebooks", "pyproject.toml", "README.md"]
 # variables that point a process at configuration or state outside its own private folders
