@@ -19,7 +19,6 @@ drop, the verdict and the support bundle are the lesson's exercises.
 """
 from __future__ import annotations
 
-import ctypes
 import http.client
 import json
 import os
@@ -209,7 +208,6 @@ def score_requests(base_url: str, tokenizer, rows: list[dict], concurrency: int 
 # -------------------------------------------------------------------------------------------------
 # The damaged model
 
-LLAMA_FTYPE_Q2_K = 10  # enum llama_ftype: LLAMA_FTYPE_MOSTLY_Q2_K
 PAGE = 4096
 
 
@@ -222,9 +220,8 @@ def requantized_q2k(source=None, n_threads: int = 2) -> Path:
     values and SmolLM2-135M's rows have 576, so llama.cpp falls back to a 4-bit type for those and
     only the 1536-wide FFN down-projections get Q2_K.
     """
-    import llama_cpp
-
     from .models import gguf_path
+    from .quant import llama_quantize
 
     source = Path(source) if source is not None else gguf_path()
     folder = cache_dir() / "observability"
@@ -232,17 +229,7 @@ def requantized_q2k(source=None, n_threads: int = 2) -> Path:
     target = folder / f"{source.stem}-Q2_K.gguf"
     if target.exists():
         return target
-    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = n_threads
-    params.ftype = LLAMA_FTYPE_Q2_K
-    params.allow_requantize = True
-    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
-    if rc != 0 or not tmp.exists():
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"llama_model_quantize({source} -> Q2_K) returned {rc}")
-    os.replace(tmp, target)
-    return target
+    return llama_quantize(source, target, "Q2_K", nthread=n_threads)  # atomic
 
 
 def damaged_gguf(fraction: float = 0.2, seed: int = 0, n_threads: int = 2) -> Path:

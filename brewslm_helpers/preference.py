@@ -21,6 +21,7 @@ import torch
 from datasets import Dataset
 
 from .data import batches, load_split  # noqa: F401 (batches: the notebook chunks pairs with it)
+from .training import require_trl
 
 SYSTEM = "You are BrewBot, the assistant of a coffee shop. Answer in one short sentence, using the card."
 KINDS = ("wrong", "refusal", "verbose")
@@ -93,13 +94,8 @@ def pair_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def check_trl_version() -> None:
     """Fail loudly if the installed TRL is not the one the TRL comparisons were written against."""
-    import trl
-
-    if trl.__version__ != TRL_TESTED:
-        raise RuntimeError(
-            f"lesson 5 compares your losses with trl=={TRL_TESTED}'s DPOTrainer and experimental "
-            f"ORPOTrainer, but trl {trl.__version__} is installed: run `make setup` (pyproject.toml pins "
-            f"it), or re-check brewslm_helpers/preference.py against the new TRL and update TRL_TESTED")
+    require_trl(TRL_TESTED, "lesson 5 compares your losses with trl=={tested}'s DPOTrainer and "
+                "experimental ORPOTrainer", "brewslm_helpers/preference.py")
 
 
 def _cpu_args(cls, **kwargs):

@@ -32,7 +32,7 @@ from .paths import cache_dir
 HELDOUT_FILE = Path(__file__).parent / "data" / "heldout_texts.jsonl"
 
 # llama.cpp file types (enum llama_ftype) for the variants this lesson writes
-FTYPES = {"F32": 0, "F16": 1, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15}
+FTYPES = {"F32": 0, "F16": 1, "Q4_1": 3, "Q8_0": 7, "Q2_K": 10, "Q4_K_M": 15}
 
 
 def quant_dir() -> Path:

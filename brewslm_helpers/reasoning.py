@@ -26,6 +26,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from .data import DATA_DIR, load_jsonl
+from .training import require_trl
 
 SYSTEM = ("Solve the math word problem. Work step by step, one line per step like 'Step 1: 3 + 4 = 7', "
           "then end with the line 'Answer: <number>'.")
@@ -301,13 +302,8 @@ def bootstrap_mean(x, samples: int = 2000, seed: int = 0) -> tuple[float, float,
 
 def check_trl_version() -> None:
     """Fail loudly if the installed TRL is not the one the GRPO comparisons were written against."""
-    import trl
-
-    if trl.__version__ != TRL_TESTED:
-        raise RuntimeError(
-            f"lesson 15 compares your GRPO advantages and loss with trl=={TRL_TESTED}'s GRPOTrainer, but trl "
-            f"{trl.__version__} is installed: run `make setup` (pyproject.toml pins it), or re-check "
-            f"brewslm_helpers/reasoning.py against the new TRL and update TRL_TESTED")
+    require_trl(TRL_TESTED, "lesson 15 compares your GRPO advantages and loss with "
+                "trl=={tested}'s GRPOTrainer", "brewslm_helpers/reasoning.py")
 
 
 def trl_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:

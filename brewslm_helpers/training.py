@@ -8,6 +8,17 @@ import torch
 from tqdm.auto import tqdm
 
 
+def require_trl(tested: str, compares: str, module: str) -> None:
+    """Fail loudly if the installed TRL is not ``tested``: ``module``'s checks against TRL were
+    written for that version. ``compares`` says what they compare, with ``{tested}`` in it."""
+    import trl
+
+    if trl.__version__ != tested:
+        raise RuntimeError(
+            f"{compares.format(tested=tested)}, but trl {trl.__version__} is installed: run `make setup` "
+            f"(pyproject.toml pins it), or re-check {module} against the new TRL and update TRL_TESTED")
+
+
 def train_loop(model: torch.nn.Module, batches: Iterable[dict],
                loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor], steps: int,
                lr: float = 1e-4, weight_decay: float = 0.0, desc: str = "train",

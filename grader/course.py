@@ -576,15 +576,7 @@ class Course:
         """The older phase 2 (grader.verify: a fresh kernel in the sandbox, behind an integrity
         check) for a lesson in ``IN_SANDBOX_VERDICTS``, which the judge cannot grade yet."""
         source = self.source(lesson)
-        try:
-            submitted = nbformat.reads(notebook.decode("utf-8"), as_version=4)
-            student_code = {}
-            for cell in submitted.cells:
-                gid = nbgrader_meta(cell).get("grade_id")
-                if gid and cell.get("cell_type") == "code" and gid not in student_code:
-                    student_code[gid] = cell.get("source", "")
-        except Exception:
-            student_code = {}
+        student_code = _student_code(notebook)
         params = next((c.source for c in source.cells
                        if "parameters" in c.get("metadata", {}).get("tags", [])), "")
         setup, exercise, pairs = "", None, []
@@ -627,15 +619,7 @@ class Course:
         """What the judge needs: the lesson's own cells (from the source this process holds), the
         names each exercise defines in the solution, and the student's exercise code."""
         source = self.source(lesson)
-        try:
-            submitted = nbformat.reads(submission.decode("utf-8"), as_version=4)
-            student = {}
-            for cell in submitted.cells:
-                gid = nbgrader_meta(cell).get("grade_id")
-                if gid and cell.get("cell_type") == "code" and gid not in student:
-                    student[gid] = cell.get("source", "")
-        except Exception:
-            student = {}
+        student = _student_code(submission)
         params = next((c.source for c in source.cells
                        if "parameters" in c.get("metadata", {}).get("tags", [])), "")
         setup, exercises, functions, values, tests = "", [], [], [], []
@@ -835,6 +819,19 @@ def _close_all(judges: dict) -> None:
     for pool in list(judges.values()):
         for j in pool:
             j.close()
+
+
+def _student_code(notebook: bytes) -> dict[str, str]:
+    """``{grade_id: source}`` of a submission's code cells (the first of each id; {} if unreadable)."""
+    code: dict[str, str] = {}
+    try:
+        for cell in nbformat.reads(notebook.decode("utf-8"), as_version=4).cells:
+            gid = nbgrader_meta(cell).get("grade_id")
+            if gid and cell.get("cell_type") == "code" and gid not in code:
+                code[gid] = cell.get("source", "")
+    except Exception:
+        return {}
+    return code
 
 
 def _phase1_reason(run: "sandbox.Completed", timeout: float, memory: int) -> str:
