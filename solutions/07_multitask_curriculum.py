@@ -318,6 +318,10 @@ for seed in range(3):
     assert stats.chisquare(c, [500, 500]).pvalue > 1e-3, c
     used = np.bincount([i for s in sched for t, i in s if t == 1], minlength=5)
     assert used.max() - used.min() <= 1, used
+    # each pass over the tiny task is a fresh shuffle, not the first order again
+    tiny = [i for s in sched for t, i in s if t == 1]
+    passes = {tuple(tiny[k:k + 5]) for k in range(0, len(tiny) - 4, 5)}
+    assert len(passes) > 1, "reshuffle a task's order each time it is used up"
 # uneven weights over a long run
 sched = mixture_schedule([100, 100, 100, 100], [0.7, 0.2, 0.05, 0.05], steps=500, batch_size=8, seed=5)
 c = np.bincount([t for s in sched for t, _ in s], minlength=4)
@@ -718,6 +722,13 @@ for t, b in enumerate(sched):
 assert min(i for b in sched[25:] for i in b) < 20
 # c0 = 1: the whole set from the start
 assert min(i for i in curriculum_schedule(d, 1, 400, c0=1.0, seed=0)[0]) < 10
+# the pool is exactly the ceil(c * N) easiest at every step (sqrt pacing): with many draws its
+# hardest member is drawn (N = 101, so c * N is rarely a whole number)
+d = np.arange(101)
+sched = curriculum_schedule(d, steps=12, batch_size=5000, c0=0.1, full_at=10, seed=4)
+for t, b in enumerate(sched):
+    size = max(1, math.ceil(min(1, math.sqrt(0.01 + 0.99 * t / 10)) * 101))
+    assert max(b) == size - 1, (t, size, max(b))
 ### END HIDDEN TESTS
 
 # %% [markdown]

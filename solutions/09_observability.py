@@ -275,6 +275,11 @@ with tempfile.TemporaryDirectory() as tmp:
     except sqlite3.DatabaseError:
         pass
     assert not again.in_transaction
+    # "parent" is optional: an event without it is stored with parent NULL (None), not 0
+    orphan = {k: v for k, v in _ev(2).items() if k != "parent"}
+    stored = append_event(again, orphan)
+    assert stored["parent"] is None, stored["parent"]
+    assert again.execute("SELECT parent FROM events WHERE id = ?", (stored["id"],)).fetchone()[0] is None
     conn.close()
     again.close()
 ### END HIDDEN TESTS
@@ -702,6 +707,12 @@ assert abs(r["score_ci"][0] - ref.low) < 0.012 and abs(r["score_ci"][1] - ref.hi
 ### BEGIN HIDDEN TESTS
 # independent resampling would give an interval about three times wider here and miss the drop
 assert r["score_ci"][1] - r["score_ci"][0] < 0.09, r["score_ci"]
+# the score's interval is at the Bonferroni level too: 4 of 200 items worse is an alarm at
+# alpha = 0.05 (P(no worse item in a resample) = 0.98**200 = 0.018 < 0.025) but not at alpha / 3
+worse4 = gold.copy()
+worse4[np.flatnonzero(gold == 1)[:4]] = 0.0
+r4 = drift_check(same, {**later, "correct": worse4}, psi_fn=_ref_psi, n_boot=4000, seed=11)
+assert r4["score_ci"][0] <= 0 and r4["verdict"] == "ok", r4
 # an improvement is not a degradation
 r = drift_check({**same, "correct": worse}, later, psi_fn=_ref_psi, n_boot=500)
 assert r["score_drop"] < 0 and r["verdict"] == "ok", r
@@ -1262,6 +1273,13 @@ with tempfile.TemporaryDirectory() as tmp:
     def _extra(m):
         m["debug.log"] = b"nothing to see"
     assert verify_support_bundle(_rezip(p, Path(tmp) / "x.zip", _extra), _secrets)
+
+    def _manifest_leak(m):  # the manifest is a member too: a secret in it is a leak
+        man = json.loads(m["MANIFEST.json"])
+        man["note"] = f"uploaded with {TOKEN}"
+        m["MANIFEST.json"] = json.dumps(man).encode()
+    assert verify_support_bundle(_rezip(p, Path(tmp) / "m.zip", _manifest_leak), _secrets), \
+        "a secret in MANIFEST.json was accepted"
 
     def _missing(m):
         del m["versions.json"]
