@@ -9,6 +9,7 @@ Then the same folder is graded again: nothing is re-run unless a file changed.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -127,8 +128,15 @@ def test_the_class_folder_and_course_are_out_of_reach(graded_class):
     assert (ctx.submissions / "good" / f"{LESSON.slug}.ipynb").read_bytes()[:1] == b"{"
 
 
-def test_regrading_is_idempotent_and_only_regrades_what_changed(graded_class):
+def test_regrading_is_idempotent_and_only_regrades_what_changed(graded_class, tmp_path):
+    import shutil
+
     ctx, first, _ = graded_class
+    # on copies of the class and of the grader's output, so the other tests see the first run's
+    submissions, out = tmp_path / "class", tmp_path / "out"
+    shutil.copytree(ctx.submissions, submissions, symlinks=True)
+    shutil.copytree(ctx.out, out, symlinks=True)
+    ctx = dataclasses.replace(ctx, submissions=submissions, out=out)
     lines = []
     start = time.perf_counter()
     again = {r.student: r for r in grade_folder(ctx.submissions, ctx.out, feedback=False, jobs=2,
@@ -178,8 +186,12 @@ def test_feedback_pages_hold_no_hidden_test_no_solution_no_markup(graded_class):
     assert len(pages) == sum(r.status == "graded" for r in results.values())
     for page in pages:
         text = page.read_text()
+        # a page shows the student's own code, which may spell the markers itself (an attack that
+        # searches for the solution does): only markers the submission does not hold are a leak
+        submitted = (ctx.submissions / page.parent.name / f"{LESSON.slug}.ipynb").read_text()
         assert "<script" not in text.lower() and "<img src=x" not in text.lower(), page
-        assert "BEGIN SOLUTION" not in text and "BEGIN HIDDEN TESTS" not in text, page
+        for marker in ("BEGIN SOLUTION", "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"):
+            assert marker not in text or marker in submitted, (page, marker)
         for line in hidden:
             assert html.escape(line, quote=True) not in text and line not in text, (page, line)
 
