@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .budget import cpu_threads
 from .data import load_reviews, sentiment_question
 from .paths import cache_dir
 
@@ -211,7 +212,7 @@ def score_requests(base_url: str, tokenizer, rows: list[dict], concurrency: int 
 PAGE = 4096
 
 
-def requantized_q2k(source=None, n_threads: int = 2) -> Path:
+def requantized_q2k(source=None, n_threads: int | None = None) -> Path:
     """The course model re-quantized to ``Q2_K`` by llama.cpp's own quantizer
     (``llama_model_quantize``, ``allow_requantize``), written once (atomically) under
     ``cache_dir()/observability/`` and reused.
@@ -229,10 +230,10 @@ def requantized_q2k(source=None, n_threads: int = 2) -> Path:
     target = folder / f"{source.stem}-Q2_K.gguf"
     if target.exists():
         return target
-    return llama_quantize(source, target, "Q2_K", nthread=n_threads)  # atomic
+    return llama_quantize(source, target, "Q2_K", nthread=n_threads or cpu_threads())  # atomic
 
 
-def damaged_gguf(fraction: float = 0.2, seed: int = 0, n_threads: int = 2) -> Path:
+def damaged_gguf(fraction: float = 0.2, seed: int = 0, n_threads: int | None = None) -> Path:
     """The bad deploy: :func:`requantized_q2k` ("we need it smaller"), then copied to the server
     with a fraction ``fraction`` of the 4 KiB pages of every matrix's data zero-filled, as a
     failed copy onto a sparse file leaves them (the header, the tokenizer and the 1-D norm vectors

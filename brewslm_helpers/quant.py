@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .budget import cpu_threads
 from .paths import cache_dir
 
 HELDOUT_FILE = Path(__file__).parent / "data" / "heldout_texts.jsonl"
@@ -261,7 +262,7 @@ def gguf_variants(kinds=("F16", "Q8_0", "Q4_K_M")) -> dict[str, Path]:
 # llama.cpp runtime
 # ----------------------------------------------------------------------------------------------
 
-def load_llama(path: str | Path, n_ctx: int = 1024, n_threads: int = 2, n_batch: int = 1):
+def load_llama(path: str | Path, n_ctx: int = 1024, n_threads: int | None = None, n_batch: int = 1):
     """A ``llama_cpp.Llama`` on ``path`` with logits for every position (``logits_all=True``).
 
     ``n_batch=1`` evaluates a text token by token (the decode path). On the shared 2-core machine
@@ -270,7 +271,7 @@ def load_llama(path: str | Path, n_ctx: int = 1024, n_threads: int = 2, n_batch:
     """
     import llama_cpp
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                           n_threads=n_threads, logits_all=True, verbose=False)
+                           n_threads=n_threads or cpu_threads(), logits_all=True, verbose=False)
 
 
 def llama_logits(llm, ids: list[int]) -> np.ndarray:
@@ -366,11 +367,11 @@ def onnx_quantize_int8(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-def onnx_session(path: str | Path, n_threads: int = 2):
+def onnx_session(path: str | Path, n_threads: int | None = None):
     """An onnxruntime CPU ``InferenceSession``."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = n_threads
+    opts.intra_op_num_threads = n_threads or cpu_threads()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 

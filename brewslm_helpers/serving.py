@@ -4,7 +4,7 @@ that hits it concurrently, request traces, a static-batching baseline, and GGUF 
 The server is ``python -m llama_cpp.server`` (``llama-cpp-python[server]``) in its own process
 group, on a free port, started and stopped by :class:`LlamaServer`::
 
-    with serving.LlamaServer(models.gguf_path(), n_threads=2) as server:
+    with serving.LlamaServer(models.gguf_path()) as server:
         reply = serving.complete(server.base_url, prompt, max_tokens=16)
 
 It is shut down (the whole process group: SIGTERM, then SIGKILL) when the ``with`` block ends,
@@ -35,6 +35,7 @@ from typing import Callable
 
 import numpy as np
 
+from .budget import cpu_threads
 from .paths import cache_dir
 
 # -------------------------------------------------------------------------------------------------
@@ -91,12 +92,12 @@ class LlamaServer:
     runs one request at a time (it holds one ``Llama`` behind a lock): concurrent requests queue.
     """
 
-    def __init__(self, model_path, *, n_threads: int = 2, n_ctx: int = 1024, port: int | None = None,
+    def __init__(self, model_path, *, n_threads: int | None = None, n_ctx: int = 1024, port: int | None = None,
                  startup_timeout_s: float = 120.0, extra_args: list[str] | None = None):
         self.model_path = Path(model_path)
         if not self.model_path.exists():
             raise FileNotFoundError(self.model_path)
-        self.n_threads = n_threads
+        self.n_threads = n_threads or cpu_threads()
         self.n_ctx = n_ctx
         self.port = port
         self.startup_timeout_s = startup_timeout_s
@@ -400,7 +401,7 @@ def memory_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
 GGUF_TYPES = ("F32", "F16", "Q4_1", "Q8_0")  # served here; llama.cpp file types in quant.FTYPES
 
 
-def gguf_variant(kind: str, source=None, n_threads: int = 2) -> Path:
+def gguf_variant(kind: str, source=None, n_threads: int | None = None) -> Path:
     """The course model as a GGUF file of type ``kind`` (``"F32"``, ``"F16"``, ``"Q8_0"``,
     ``"Q4_1"``), written once by llama.cpp's own quantizer (``llama_model_quantize``) under
     ``cache_dir()/serving/`` and reused after.
@@ -424,5 +425,5 @@ def gguf_variant(kind: str, source=None, n_threads: int = 2) -> Path:
         return target
     from .quant import llama_quantize
 
-    llama_quantize(source, target, kind, nthread=n_threads)  # atomic: concurrent writers agree
+    llama_quantize(source, target, kind, nthread=n_threads or cpu_threads())  # atomic: concurrent writers agree
     return target

@@ -90,9 +90,9 @@ np.random.seed(0)
 CFG = budget.pick(
     BUDGET,
     ci={"gold_n": 8, "traffic_n": 10, "pool_n": 20, "ticks_normal": 1, "ticks_shifted": 1,
-        "ticks_degraded": 1, "control_runs": 5, "n_boot": 400, "threads": 2},
+        "ticks_degraded": 1, "control_runs": 5, "n_boot": 400, "threads": budget.cpu_threads()},
     full={"gold_n": 30, "traffic_n": 30, "pool_n": 80, "ticks_normal": 3, "ticks_shifted": 2,
-          "ticks_degraded": 2, "control_runs": 200, "n_boot": 2000, "threads": 2},
+          "ticks_degraded": 2, "control_runs": 200, "n_boot": 2000, "threads": budget.cpu_threads()},
 )
 ALPHA = 0.05     # the check's nominal false-alarm level, for all its tests together
 PSI_MIN = 0.1    # a feature alarm also needs a PSI of at least this ("moderate shift")
