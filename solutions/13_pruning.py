@@ -1040,8 +1040,10 @@ report.record_results("13_pruning", BUDGET, rows)
 #   (Taylor, Fisher) can. Fisher needs per-sample squared gradients: the gradient of the mean loss
 #   mostly cancels.
 # - **Unstructured sparsity does not make a CPU faster** at these shapes (the CSR table); structured
-#   removal does, roughly in proportion to the bytes read per token, and the embedding matrix, a fifth of
-#   this model that every token reads, cannot be pruned this way.
+#   removal does, but compare the speed table's columns with its "ideal" one: the prefill, a few large
+#   matmuls, gains most of what the removed bytes promise, while a one-token decode step of a model this
+#   small spends much of its time in per-layer overhead that pruning does not remove. The embedding
+#   matrix, a fifth of this model that every token reads, cannot be pruned this way at all.
 # - **Is it worth it?** Rarely, and not first. On size against perplexity, quantization (lesson 6) wins
 #   by a wide margin at almost no quality cost, with no training; pruning 25 % of the MLP channels saves
 #   about a seventh of the bytes and costs perplexity that a short recovery only partly buys back. Prune
