@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .budget import cpu_threads
 from .data import load_reviews, sentiment_question
 from .paths import cache_dir
 
@@ -230,7 +229,7 @@ def requantized_q2k(source=None, n_threads: int | None = None) -> Path:
     target = folder / f"{source.stem}-Q2_K.gguf"
     if target.exists():
         return target
-    return llama_quantize(source, target, "Q2_K", nthread=n_threads or cpu_threads())  # atomic
+    return llama_quantize(source, target, "Q2_K", nthread=n_threads)  # atomic
 
 
 def damaged_gguf(fraction: float = 0.2, seed: int = 0, n_threads: int | None = None) -> Path:

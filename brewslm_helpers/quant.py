@@ -215,7 +215,7 @@ def write_gguf(src: str | Path, dst: str | Path, qtype: str = "F32") -> Path:
     return dst
 
 
-def llama_quantize(src: str | Path, dst: str | Path, ftype: str, nthread: int = 2) -> Path:
+def llama_quantize(src: str | Path, dst: str | Path, ftype: str, nthread: int | None = None) -> Path:
     """llama.cpp's own quantizer (``llama_model_quantize``): ``src`` GGUF -> ``dst`` as ``ftype``.
 
     ``ftype``: a key of ``FTYPES`` ("Q8_0", "Q4_K_M", ...). The type of each tensor is chosen by
@@ -225,7 +225,7 @@ def llama_quantize(src: str | Path, dst: str | Path, ftype: str, nthread: int = 
     dst = Path(dst)
     tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = nthread
+    params.nthread = nthread or cpu_threads()
     params.ftype = FTYPES[ftype]
     params.allow_requantize = True
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))

@@ -425,5 +425,5 @@ def gguf_variant(kind: str, source=None, n_threads: int | None = None) -> Path:
         return target
     from .quant import llama_quantize
 
-    llama_quantize(source, target, kind, nthread=n_threads or cpu_threads())  # atomic: concurrent writers agree
+    llama_quantize(source, target, kind, nthread=n_threads)  # atomic: concurrent writers agree
     return target

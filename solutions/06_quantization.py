@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 from brewslm_helpers import budget, data, models, plots, quant, report
 
 torch.manual_seed(0)
-torch.set_num_threads(2)
+torch.set_num_threads(budget.cpu_threads())  # one per core, fewer when graded side by side
 CFG = budget.pick(
     BUDGET,
     ci=dict(calib_texts=4, calib_tokens=64, heldout_texts=2, heldout_tokens=48, prompt_tokens=16,

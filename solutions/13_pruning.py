@@ -68,7 +68,7 @@ from transformers.pytorch_utils import prune_linear_layer
 from brewslm_helpers import budget, models, plots, pruning, quant, report
 
 torch.manual_seed(0)
-torch.set_num_threads(2)
+torch.set_num_threads(budget.cpu_threads())  # one per core, fewer when graded side by side
 CFG = budget.pick(
     BUDGET,
     ci=dict(layers=6, calib_texts=4, gen_tokens=32, calib_tokens=32, taylor_batch=2, fisher_samples=2, heldout_texts=2,
