@@ -33,7 +33,10 @@ CONVERTED = ["01_toolkit", "02_kd_capture", "03_kd_loss", "04_kd_quality", "05_p
 # lesson on purpose (or drop the lesson from CONVERTED once its conversion is long settled).
 MENDS = {
     "05_preference": {"setup": [("models, plots, preference", "models, preference")]},  # unused import
-    "06_quantization": {"setup": [("import hashlib\n", "")]},  # unused import
+    "06_quantization": {"setup": [("import hashlib\n", ""),  # unused import
+                                  ("torch.set_num_threads(2)\n",  # graded side by side: fewer threads
+                                   "torch.set_num_threads(budget.cpu_threads())  # one per core, fewer when "
+                                   "graded side by side\n")]},
     "14_speculative": {"c21": [('print(f"\\ngreedy', 'print("\\ngreedy')]},  # f-string without fields
 }
 
