@@ -133,15 +133,21 @@ def cmd_validate(args) -> int:
 
 def cmd_mistakes(args) -> int:
     """For lesson authors: which test cells each known mistake fails (one kernel per lesson)."""
+    from .course import IN_SANDBOX_VERDICTS
     from .notebooks import read_notebook, test_cells
-    from .selfcheck import score_variants, should_fail
+    from .selfcheck import judge_variants, score_variants, should_fail
 
     bad = 0
     for lesson in select_lessons(args.lessons):
         points = test_cells(read_notebook(lesson.solution))
-        print(f"{lesson.slug}: {len(lesson.mistakes)} known mistakes, {len(points)} test cells",
-              flush=True)
-        for name, scored in score_variants(lesson, budget=args.budget).items():
+        if args.judge and lesson.slug in IN_SANDBOX_VERDICTS:
+            print(f"{lesson.slug}: graded by the in-sandbox re-check, not the judge "
+                  f"({IN_SANDBOX_VERDICTS[lesson.slug]}): checked without --judge", flush=True)
+            continue
+        print(f"{lesson.slug}: {len(lesson.mistakes)} known mistakes, {len(points)} test cells"
+              + (" (the judge)" if args.judge else ""), flush=True)
+        check = judge_variants if args.judge else score_variants
+        for name, scored in check(lesson, budget=args.budget).items():
             failed = {g for g, s in scored.items() if s < points[g]}
             want = should_fail(lesson, name)
             ok = failed == want
@@ -249,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "the test cells it names")
     s.add_argument("lessons", nargs="*", help="lessons (default: all)")
     s.add_argument("--budget", choices=BUDGETS, default="ci")
+    s.add_argument("--judge", action="store_true",
+                   help="decide each verdict in the trusted judge, as grading does (slower)")
     s.set_defaults(func=cmd_mistakes)
 
     s = sub.add_parser("demo", help="the main job: run every lesson at ci budget, grade a sample class")

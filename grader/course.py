@@ -49,10 +49,9 @@ from .run import notebook_env
 from brewslm_helpers.paths import cache_dir
 
 # lessons whose marks still come from the older in-sandbox re-check (grader.verify), because the
-# judge cannot grade them yet: their exercises change a model given to them in place, and the
-# judge does not copy an argument's changes back (see the README; the isolation applies to all)
-IN_SANDBOX_VERDICTS = {"13_pruning": "exercises prune a model in place",
-                       "09_observability": "tests hand the exercises SQLite connections and files"}
+# judge cannot grade them yet: their tests hand the exercises objects that are neither data nor
+# modules (an open SQLite connection), which cannot cross (the isolation applies to all)
+IN_SANDBOX_VERDICTS = {"09_observability": "tests hand the exercises SQLite connections and files"}
 # what a submission's sandbox sees of the repository (read-only): what the release ships
 RELEASED = ["brewslm_helpers", "grader", "notebooks", "pyproject.toml", "README.md"]
 # variables that point a process at configuration or state outside its own private folders
@@ -618,24 +617,7 @@ class Course:
     def judge_job(self, lesson: Lesson, submission: bytes) -> dict:
         """What the judge needs: the lesson's own cells (from the source this process holds), the
         names each exercise defines in the solution, and the student's exercise code."""
-        source = self.source(lesson)
-        student = _student_code(submission)
-        params = next((c.source for c in source.cells
-                       if "parameters" in c.get("metadata", {}).get("tags", [])), "")
-        setup, exercises, functions, values, tests = "", [], [], [], []
-        for cell in source.cells:
-            meta = nbgrader_meta(cell)
-            if meta.get("grade_id") == "setup":
-                setup = cell.source
-            elif meta.get("solution") and cell.cell_type == "code":
-                exercises.append(verify.definitions_only(student.get(meta["grade_id"], "")))
-                f, v = defined_names(cell.source)
-                functions += f
-                values += v
-            elif meta.get("grade") and not meta.get("solution"):
-                tests.append({"id": meta["grade_id"], "source": cell.source})
-        return {"params": params, "setup": setup, "exercises": exercises, "functions": functions,
-                "values": values, "tests": tests, "test_ids": [t["id"] for t in tests]}
+        return judge_job(self.source(lesson), submission)
 
     def _known_cells_only(self, lesson: Lesson, notebook: bytes) -> bytes:
         """The submission with nbgrader markup removed from cells the lesson does not have (a
@@ -819,6 +801,29 @@ def _close_all(judges: dict) -> None:
     for pool in list(judges.values()):
         for j in pool:
             j.close()
+
+
+def judge_job(source: nbformat.NotebookNode, submission: bytes) -> dict:
+    """The judge's job for ``submission`` (notebook bytes) of the lesson whose source notebook is
+    ``source``: its parameters and setup cells, the names each exercise defines in the solution,
+    the student's exercise code (definitions only) and the test cells."""
+    student = _student_code(submission)
+    params = next((c.source for c in source.cells
+                   if "parameters" in c.get("metadata", {}).get("tags", [])), "")
+    setup, exercises, functions, values, tests = "", [], [], [], []
+    for cell in source.cells:
+        meta = nbgrader_meta(cell)
+        if meta.get("grade_id") == "setup":
+            setup = cell.source
+        elif meta.get("solution") and cell.cell_type == "code":
+            exercises.append(verify.definitions_only(student.get(meta["grade_id"], "")))
+            f, v = defined_names(cell.source)
+            functions += f
+            values += v
+        elif meta.get("grade") and not meta.get("solution"):
+            tests.append({"id": meta["grade_id"], "source": cell.source})
+    return {"params": params, "setup": setup, "exercises": exercises, "functions": functions,
+            "values": values, "tests": tests, "test_ids": [t["id"] for t in tests]}
 
 
 def _student_code(notebook: bytes) -> dict[str, str]:

@@ -14,7 +14,13 @@ Every call of an exercise in a test cell is a message to the worker: the argumen
 ``pickle`` (the trusted direction: the worker may unpickle what the judge made), with the lesson's
 setup objects sent as references to the worker's own copies (a loaded model never crosses), with
 functions the test defines (validators, hooks, lambdas) sent as *callbacks* that run back in the
-judge, and with ``torch.Generator`` states synchronised back after the call. What comes back is
+judge, with ``torch.Generator`` states synchronised back after the call, and with every module the test
+passed (``torch.nn.Module``, sent with its parameters' gradients) copied back into the judge's own
+object after the call and before each callback: the weights, gradients and buffers that changed
+(shapes included), plain settings (``in_features``, ``num_key_value_groups``...) and its config,
+so that an exercise that changes a model in place (pruning, an optimiser step) is seen as it is in
+the notebook. Only values cross, applied by the judge to modules of its own classes; a module the
+function added or removed is not copied. What comes back is
 data only, in a safe format (:func:`encode` / :func:`decode`: JSON plus raw buffers): ``None``,
 bools, numbers, strings, bytes, lists, tuples, dicts, sets, torch tensors, numpy arrays and
 scalars, dtypes, and references to objects the judge itself sent. No pickle in that direction,
@@ -312,12 +318,28 @@ class _WorkerUnpickler(pickle.Unpickler):
             return w.shell.user_ns[pid[1]]
         if kind == "cb":
             return w.callback_stub(pid[1])
-        if kind == "obj":
+        if kind == "obj":  # a module, sent whole: it replaces the copy kept from earlier calls
             n = pid[1]
             if n not in w.objects:
-                w.objects[n] = _WorkerUnpickler(io.BytesIO(self.payloads[n]), w,
-                                                self.payloads).load()
-                w.refs[id(w.objects[n])] = n
+                obj = w.objects[n] = w.kept[n] = _WorkerUnpickler(
+                    io.BytesIO(self.payloads[n]), w, self.payloads).load()
+                w.refs[id(obj)] = n
+                grads = self.payloads.get(f"grad{n}")
+                if grads:  # pickle leaves .grad behind: the judge sends it apart
+                    params = dict(obj.named_parameters())
+                    for name, g in pickle.loads(grads).items():
+                        if name in params:
+                            params[name].grad = g
+                w.baselines[n] = _signatures(obj)
+            return w.objects[n]
+        if kind == "keep":  # a module unchanged in the judge since the last call: the copy here
+            n = pid[1]
+            if n not in w.objects:
+                if n not in w.kept:
+                    raise pickle.UnpicklingError("a module this process no longer has")
+                obj = w.objects[n] = w.kept[n]
+                w.refs[id(obj)] = n
+                w.baselines[n] = _signatures(obj)
             return w.objects[n]
         if kind == "gen":
             import torch
@@ -335,6 +357,8 @@ class Worker:
         self.rd, self.wr = rd, wr
         self.shell = None
         self.objects, self.refs, self.generators = {}, {}, {}
+        self.baselines = {}  # object number -> _signatures() of a module as it arrived
+        self.kept = {}  # module key -> this process's copy, kept across calls (as in a notebook)
         self.graphs = {}  # call id -> (inputs, outputs) kept for backward
         self.local = {}   # callback id -> the judge's function, sent to run here
 
@@ -344,7 +368,8 @@ class Worker:
                 return self.local[n](*args, **kwargs)
             blobs = []
             tree = encode([list(args), kwargs], blobs, self.refs)
-            send(self.wr, {"op": "callback", "cb": n, "args": tree}, blobs)
+            mods = self.module_states(blobs)
+            send(self.wr, {"op": "callback", "cb": n, "args": tree, "mods": mods}, blobs)
             value = self.serve(until_reply=True)
             if isinstance(value, _RunHere):  # the judge sent the function itself: run it here
                 self.local[n] = value.fn
@@ -352,6 +377,18 @@ class Worker:
             return value
         callback.__name__ = f"judge_callback_{n}"
         return callback
+
+    def module_states(self, blobs: list) -> dict:
+        """``{object number: state}`` of every module the judge sent in this call (see
+        :func:`_module_state`); the tensors' buffers are appended to ``blobs``."""
+        out = {}
+        for n, obj in self.objects.items():
+            if _is_module(obj):
+                try:
+                    out[str(n)] = _module_state(obj, self.baselines.get(n, {}), blobs, self.refs)
+                except Exception:  # not reported: the judge sends its own copy next time
+                    pass
+        return out
 
     def start(self) -> None:
         job = json.loads(receive(self.rd)[0]["job"])
@@ -386,7 +423,9 @@ class Worker:
             except BaseException as e:  # the student's code raised (or exited): report it
                 if isinstance(e, KeyboardInterrupt):
                     raise
-                send(self.wr, {"op": "error", "type": type(e).__name__, "msg": _safe_str(e)})
+                out = []
+                send(self.wr, {"op": "error", "type": type(e).__name__, "msg": _safe_str(e),
+                               "mods": self.module_states(out) if op == "call" else {}}, out)
 
     def handle(self, op: str, header: dict, blobs: list[bytes]) -> None:
         import torch
@@ -398,6 +437,7 @@ class Worker:
             return
         if op == "call":
             self.objects, self.refs, self.generators, self.local = {}, {}, {}, {}
+            self.baselines = {}
             payloads = pickle.loads(blobs[1]) if len(blobs) > 1 else {}
             args, kwargs = _WorkerUnpickler(io.BytesIO(blobs[0]), self, payloads).load()
             fn = self.shell.user_ns.get(header["name"])
@@ -410,7 +450,8 @@ class Worker:
             out = []
             tree = encode(value, out, self.refs)
             reply = {"op": "result", "value": tree,
-                     "gens": {str(n): encode(g.get_state(), out) for n, g in self.generators.items()}}
+                     "gens": {str(n): encode(g.get_state(), out) for n, g in self.generators.items()},
+                     "mods": self.module_states(out)}
             if grad_inputs:
                 outs = _tensors(value, [])
                 self.graphs[header["call"]] = (grad_inputs, outs)
@@ -450,6 +491,143 @@ def _safe_str(e) -> str:
         return str(e)[:2000]
     except BaseException:
         return "(unprintable)"
+
+
+def _is_module(obj) -> bool:
+    import torch
+
+    return isinstance(obj, torch.nn.Module)
+
+
+def _signature(t):
+    """What identifies a tensor's contents without reading them: object, storage, shape, version."""
+    if t is None:
+        return None
+    try:
+        return (id(t), t.data_ptr(), tuple(t.shape), t._version)
+    except Exception:  # no storage (a meta tensor...): always sent
+        return ("?", id(t))
+
+
+def _signatures(module) -> dict:
+    """``{(path, kind, name): (signature of the tensor, signature of its .grad)}``."""
+    out = {}
+    for path, m in module.named_modules():
+        for kind, table in (("p", m._parameters), ("b", m._buffers)):
+            for name, t in table.items():
+                out[(path, kind, name)] = (_signature(t), _signature(getattr(t, "grad", None)))
+    return out
+
+
+def _fingerprint(module) -> tuple:
+    """In the judge: what would tell that the test changed ``module`` since the worker last
+    reported it (tensors, gradients, hooks, settings, config); equal means the worker's copy is
+    still the same module."""
+    out = []
+    for path, m in module.named_modules():
+        d = vars(m)
+        out.append((path, id(m), type(m), _signatures(m) if m is module else None,
+                    tuple((k, tuple(v)) for k, v in d.items() if "hook" in k and isinstance(v, dict)),
+                    tuple(sorted((k, repr(v)) if _plain(v) else (k, id(v)) for k, v in d.items()
+                                 if not k.startswith("_")))))
+        cfg = d.get("config")
+        if cfg is not None and not _is_module(cfg):
+            out.append((path, "config", tuple(sorted((k, repr(v)) for k, v in _vars(cfg).items()
+                                                     if _plain(v)))))
+    return tuple(out)
+
+
+def _plain(v, depth: int = 0) -> bool:
+    """A setting that can cross as data: None, bools, numbers, strings, and lists/tuples/dicts of them."""
+    if v is None or type(v) in (bool, int, float, str):
+        return True
+    if depth < 4 and type(v) in (list, tuple):
+        return len(v) <= 1000 and all(_plain(x, depth + 1) for x in v)
+    if depth < 4 and type(v) is dict:
+        return len(v) <= 1000 and all(type(k) is str and _plain(x, depth + 1) for k, x in v.items())
+    return False
+
+
+def _module_state(module, baseline: dict, blobs: list, refs: dict) -> dict:
+    """In the worker: what changed in ``module`` since it arrived, as data for :func:`encode`.
+
+    ``{"tensors": [[path, "p"|"b", name, tensor, grad, requires_grad]], "attrs": [[path, {name:
+    value}]], "configs": [[path, {name: value}]]}``: every parameter or buffer whose tensor or
+    gradient changed (replaced, resized, written in place), every module's public plain settings,
+    and each config object once (at the first module that holds it)."""
+    tensors, attrs, configs, seen = [], [], [], set()
+    for path, m in module.named_modules():
+        attrs.append([path, {k: v for k, v in vars(m).items()
+                             if not k.startswith("_") and _plain(v)}])
+        for kind, table in (("p", m._parameters), ("b", m._buffers)):
+            for name, t in table.items():
+                grad = getattr(t, "grad", None) if kind == "p" else None
+                if t is None or baseline.get((path, kind, name)) == (_signature(t), _signature(grad)):
+                    continue
+                tensors.append([path, kind, name, t, grad, bool(t.requires_grad)])
+        cfg = vars(m).get("config")
+        if cfg is not None and id(cfg) not in seen and not _is_module(cfg):
+            seen.add(id(cfg))
+            configs.append([path, {k: v for k, v in _vars(cfg).items()
+                                   if not k.startswith("_") and _plain(v)}])
+    return encode({"tensors": tensors, "attrs": attrs, "configs": configs}, blobs, refs)
+
+
+def _apply_module_state(module, state) -> None:
+    """In the judge: copy a worker's :func:`_module_state` (decoded, plain data) into the judge's
+    own ``module``. Tensors are written into the judge's parameters and buffers (``.data``, so a
+    reference the test holds sees them; shapes may change), gradients set, settings and config
+    entries set where they are plain data (never replacing a method or an object)."""
+    import torch
+
+    if type(state) is not dict:
+        raise TypeError("malformed module state")
+    mods = dict(module.named_modules())
+    for entry in state.get("tensors") or []:
+        if type(entry) is not list or len(entry) != 6:
+            raise TypeError("malformed module state")
+        path, kind, name, value, grad, requires_grad = entry
+        m = mods.get(path) if type(path) is str else None
+        table = None if m is None else {"p": m._parameters, "b": m._buffers}.get(kind)
+        if table is None or name not in table or table[name] is None or type(value) is not torch.Tensor:
+            continue  # a module, parameter or buffer the function added: not copied
+        t = table[name]
+        with torch.no_grad():
+            t.data = value.to(t.dtype) if value.dtype != t.dtype and value.is_floating_point() else value
+        if kind == "p":
+            t.requires_grad_(requires_grad is True)
+            t.grad = grad.to(t.dtype) if type(grad) is torch.Tensor and grad.shape == t.shape else None
+    for path, settings in _pairs(state.get("attrs")):
+        m = mods.get(path)
+        if m is None:
+            continue
+        for k, v in settings.items():
+            if type(k) is str and not k.startswith("_") and k in vars(m) and _plain(vars(m)[k]) \
+                    and _plain(v):
+                object.__setattr__(m, k, v) if k != "training" else m.train(v is True)
+    for path, settings in _pairs(state.get("configs")):
+        cfg = vars(mods[path]).get("config") if path in mods else None
+        if cfg is None or _is_module(cfg):
+            continue
+        for k, v in settings.items():
+            if type(k) is str and not k.startswith("_") and _plain(v) \
+                    and (k not in _vars(cfg) or _plain(_vars(cfg)[k])) \
+                    and not callable(getattr(type(cfg), k, None)):
+                setattr(cfg, k, v)
+
+
+def _vars(obj) -> dict:
+    d = getattr(obj, "__dict__", None)
+    return d if type(d) is dict else {}
+
+
+def _pairs(x) -> list:
+    if not x:
+        return []
+    if type(x) is not list or not all(type(e) is list and len(e) == 2 and type(e[0]) is str
+                                       and type(e[1]) is dict for e in x):
+        raise TypeError("malformed module state")
+    return x
 
 
 def worker_main() -> int:
@@ -497,14 +675,23 @@ class _JudgePickler(_Pickler):
         if isinstance(obj, torch.Generator):
             return ("gen", conn.register(obj), obj.get_state())
         if isinstance(obj, torch.nn.Module) and self.root is None:
-            n = conn.register(obj)
+            n = conn.module_key(obj)
+            if n not in self.payloads and conn.fingerprints.get(n) == _fingerprint(obj):
+                self.payloads[n] = None  # unchanged since the worker last reported it: kept there
+            if self.payloads.get(n, b"") is None:
+                return ("keep", n)
             if n not in self.payloads:
+                conn.fingerprints.pop(n, None)  # the worker's copy is replaced (or changes) now
                 self.payloads[n] = b""  # placeholder: a module may refer to itself
                 buf = io.BytesIO()
                 p = _JudgePickler(buf, conn, self.payloads)
                 p.root = obj
                 p.dump(obj)
                 self.payloads[n] = buf.getvalue()
+                grads = {k: v.grad.detach().clone() for k, v in obj.named_parameters()
+                         if v.grad is not None}
+                if grads:
+                    self.payloads[f"grad{n}"] = pickle.dumps(grads)
             return ("obj", n)
         return None
 
@@ -526,11 +713,17 @@ class Connection:
         self.deadline = float("inf")
         self.setup_ids: dict[int, str] = {}
         self.setup_objs: dict[str, object] = {}
-        self.table: dict[int, object] = {}
+        self.table: dict = {}  # number or module key -> the judge's object, for the whole job
         self.ids: dict[int, int] = {}
+        self._numbered = -1
         self.calls = 0
         self.ready_errors: dict = {}
         self.cb_error = None
+        # modules the test passed: a key per module for the whole job ("m0", "m1"...), and the
+        # fingerprint each had when the worker last reported its copy (then it is not sent again)
+        self.modules: dict[str, object] = {}
+        self.module_keys: dict[int, str] = {}
+        self.fingerprints: dict[str, tuple] = {}
         self.cell_timeout = 120.0
         self.scratch = ""  # a folder the test and the student's function share (both may write)
 
@@ -555,7 +748,18 @@ class Connection:
             # the restart (the lesson's setup, again) is not the test cell's time
             self.deadline = max(self.deadline, time.monotonic() + self.cell_timeout)
 
+    def module_key(self, obj) -> str:
+        """The key of a module for this job (the module is kept alive: the key stays its own)."""
+        key = self.module_keys.get(id(obj))
+        if key is None or self.modules.get(key) is not obj:
+            key = f"m{len(self.modules)}"
+            self.modules[key] = obj
+            self.module_keys[id(obj)] = key
+        self.table[key] = obj
+        return key
+
     def kill(self) -> None:
+        self.fingerprints.clear()  # a new worker has no copies
         if self.proc is not None:
             from . import sandbox
 
@@ -563,8 +767,10 @@ class Connection:
             self.proc = None
 
     def register(self, obj) -> int:
+        """The number of a callback or generator for this whole job (a module the worker keeps may
+        call a callback it was sent in an earlier call); the table keeps each object alive."""
         if id(obj) not in self.ids:
-            n = len(self.table)
+            n = self._numbered = self._numbered + 1
             self.table[n] = obj
             self.ids[id(obj)] = n
         return self.ids[id(obj)]
@@ -626,11 +832,13 @@ class Connection:
             failed, self.cb_error = self.cb_error, None
             if failed is not None:  # the test's own check inside a callback failed: so does the test
                 raise failed
-            if op == "error":
+            if op == "error":  # what the function changed before it raised stays changed
+                self.sync_modules(reply, rblobs)
                 raise _exception(str(reply.get("type", "Error")), str(reply.get("msg", "")))
             if op != "result":
                 self.kill()
                 raise WorkerGone("the submission's process broke the protocol")
+            self.sync_modules(reply, rblobs)
             try:
                 value = decode(reply.get("value"), rblobs, self.table, self.setup_objs)
             except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
@@ -638,8 +846,27 @@ class Connection:
                     from None
             return value, reply, rblobs
 
+    def sync_modules(self, reply, rblobs) -> None:
+        """Copy the modules' changes the worker reported into the judge's objects."""
+        mods = reply.get("mods")
+        if not mods:
+            return
+        if type(mods) is not dict:
+            raise TypeError("malformed module states")
+        try:
+            for n, tree in mods.items():
+                obj = self.modules.get(n)
+                if _is_module(obj):
+                    self.fingerprints.pop(n, None)
+                    _apply_module_state(obj, decode(tree, rblobs, self.table, self.setup_objs))
+                    self.fingerprints[n] = _fingerprint(obj)
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as e:
+            raise TypeError(f"the grader cannot copy back what the function did to a module "
+                            f"({type(e).__name__}: {e})"[:300]) from None
+
     def _serve_callback(self, reply, rblobs) -> None:
         try:
+            self.sync_modules(reply, rblobs)
             fn = self.table[reply["cb"]] if type(reply.get("cb")) is int else None
             if not callable(fn):
                 raise ValueError("unknown callback")
@@ -715,11 +942,14 @@ class RemoteFunction:
 
     def _call(self, args, kwargs, grad: bool):
         conn = self.conn
-        conn.table, conn.ids = {}, {}
         conn.calls += 1
         payloads: dict = {}
         buf = io.BytesIO()
         _JudgePickler(buf, conn, payloads).dump((args, kwargs))
+        for key in payloads:  # the worker reports these after the call; until then, unknown
+            if key in conn.modules:
+                conn.fingerprints.pop(key, None)
+        payloads = {k: v for k, v in payloads.items() if v is not None}
         blobs = [buf.getvalue(), pickle.dumps(payloads)]
         value, reply, rblobs = conn.request({"op": "call", "name": self.name, "grad": grad,
                                              "call": conn.calls}, blobs)

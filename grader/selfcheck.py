@@ -11,6 +11,10 @@ points are decided by nbgrader's own rule (``nbgrader.utils.determine_grade`` af
 ``IgnorePattern`` preprocessor, with the course's pattern): an error, or stderr that is not a
 warning or a progress bar, scores 0.
 
+``judge_variants`` asks the same question of the trusted judge (``grader.judge``), which is what
+decides a grade: the same variants, one judge process per lesson (its setup run once), each variant's
+exercises in a worker process of their own (here without the sandbox: this is an author's check).
+
 The pipeline itself is proved elsewhere (``tests/test_grading.py`` grades the solution, the blank
 release and a known mistake of each lesson through it; ``tests/test_hostile.py`` attacks it).
 """
@@ -48,6 +52,14 @@ def variant_cells(nb) -> tuple[list, list]:
     return head, body
 
 
+def _variants(lesson: Lesson, mistakes: list[dict] | None) -> list[tuple[str, object]]:
+    """``[(name, submission)]``: the solution, each known mistake (all by default), the solution again."""
+    mistakes = lesson.mistakes if mistakes is None else mistakes
+    return [(SOLUTION, make_submission(lesson))] \
+        + [(m["name"], mistake_submission(lesson, m)) for m in mistakes] \
+        + [(SOLUTION_AGAIN, make_submission(lesson))]
+
+
 def score_variants(lesson: Lesson, mistakes: list[dict] | None = None, budget: str = "ci",
                    cell_timeout: int = 600) -> dict[str, dict[str, float]]:
     """``{variant: {test grade_id: points scored}}`` for the solution and each known mistake
@@ -59,10 +71,7 @@ def score_variants(lesson: Lesson, mistakes: list[dict] | None = None, budget: s
 
     from .course import IGNORED_STDERR
 
-    mistakes = lesson.mistakes if mistakes is None else mistakes
-    variants = [(SOLUTION, make_submission(lesson))]
-    variants += [(m["name"], mistake_submission(lesson, m)) for m in mistakes]
-    variants += [(SOLUTION_AGAIN, make_submission(lesson))]
+    variants = _variants(lesson, mistakes)
     source = read_notebook(lesson.solution)
     points = test_cells(source)
     # test cells as nbgrader restores them: the source's, hidden tests included
@@ -97,4 +106,48 @@ def score_variants(lesson: Lesson, mistakes: list[dict] | None = None, budget: s
         if gid in points:
             score, _ = determine_grade(cell)
             verdicts[cell.metadata["brewslm_variant"]][gid] = float(score)
+    return verdicts
+
+
+def judge_variants(lesson: Lesson, mistakes: list[dict] | None = None, budget: str = "ci",
+                   cell_timeout: int = 600) -> dict[str, dict[str, float]]:
+    """``score_variants``, decided by the trusted judge: ``{variant: {test grade_id: points}}``
+    (a test cell scores its points when the judge passes it, else 0)."""
+    import sys
+    from pathlib import Path
+
+    from .course import judge_job
+    from .judge_pool import JudgeProcess
+
+    variants = _variants(lesson, mistakes)
+    source = read_notebook(lesson.solution)
+    points = test_cells(source)
+    verdicts: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix=f"brewslm-judgecheck-{lesson.slug}-") as work:
+        root = Path(work)
+        env = {**os.environ, **notebook_env(budget), "HOME": str(root),
+               "IPYTHONDIR": str(root / "ipython")}
+        judge = None
+        try:
+            for name, sub in variants:
+                job = judge_job(source, nbformat.writes(sub).encode())
+                if judge is None:
+                    judge = JudgeProcess(root, env, job["params"], job["setup"],
+                                         ready_timeout=cell_timeout + 120)
+                    if judge.error:
+                        raise CourseError(f"{lesson.slug}: {judge.error}")
+                scratch = Path(tempfile.mkdtemp(dir=root))
+                job.update(cell_timeout=cell_timeout, ready_timeout=cell_timeout + 120,
+                           scratch=str(scratch),
+                           worker={"argv": [sys.executable, "-m", "grader.judge", "worker"],
+                                   "env": env, "cwd": str(root), "log": str(root / "worker.log")})
+                data = judge.run(job, timeout=cell_timeout * (len(points) + 2))
+                if data.get("fatal"):
+                    raise CourseError(f"{lesson.slug}: {name}: {data['fatal']}")
+                got = data.get("verdicts") or {}
+                verdicts[name] = {g: (p if (got.get(g) or {}).get("passed") else 0.0)
+                                  for g, p in points.items()}
+        finally:
+            if judge is not None:
+                judge.close()
     return verdicts

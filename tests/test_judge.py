@@ -127,6 +127,26 @@ def write_file(path):
     open(path, "w").write("the student's data")
     os.symlink("/etc/hostname", os.path.join(os.path.dirname(path), "evil"))
 
+def shrink(lin, k):
+    lin.weight = torch.nn.Parameter(lin.weight[:k].clone())
+    lin.bias.data = lin.bias.data[:k].clone()
+    lin.out_features = k
+    lin.forward = lambda x: x  # not data: never copied back
+    return lin
+
+def accumulate(lin):
+    lin.weight.sum().backward()  # no zero_grad: adds to what .grad held
+    with torch.no_grad():
+        lin.bias.add_(1.0)
+
+def set_size(m, k):
+    m.config.size = k
+    m.config.hook = print  # not data
+
+def count_calls(m):
+    m.__dict__["_calls"] = m.__dict__.get("_calls", 0) + 1  # state kept on the object, not data
+    return m._calls
+
 def grad_of(model, loss_fn):
     model.zero_grad()
     loss_fn(model).backward()
@@ -154,7 +174,9 @@ TESTS = {
     "t_model_hook": "m = torch.nn.Linear(2, 2)\ncalls = []\n"
                     "m.register_forward_pre_hook(lambda mod, args: calls.append(mod is m))\n"
                     "out = run_model(m, torch.ones(1, 2))\n"
-                    "assert calls == [True] and torch.allclose(out, m(torch.ones(1, 2)))",
+                    "assert calls == [True] and torch.allclose(out, m(torch.ones(1, 2)))\n"
+                    "run_model(m, torch.ones(1, 2))  # the worker kept its copy: the hook still calls back\n"
+                    "assert calls == [True, True, True]",
     "t_exceptions": "for kind, exc in (('value', ValueError), ('key', KeyError)):\n"
                     "    try:\n        boom(kind)\n    except exc:\n        pass\n"
                     "    else:\n        raise AssertionError(kind)\n"
@@ -171,6 +193,20 @@ TESTS = {
     "t_loss_callback": "lin = torch.nn.Linear(2, 1)\nloss = lambda m: (m(torch.ones(1, 2)) ** 2).sum()\n"
                        "ref = torch.autograd.grad(loss(lin), lin.weight)[0]\n"
                        "assert torch.allclose(grad_of(lin, loss), ref)",
+    "t_module_inplace": "lin = torch.nn.Linear(3, 4)\nw = lin.weight\nout = shrink(lin, 2)\n"
+                        "assert out is lin and lin.weight.shape == (2, 3) and lin.out_features == 2\n"
+                        "assert w.shape == (2, 3) and lin.bias.shape == (2,)\n"
+                        "assert lin(torch.ones(1, 3)).shape == (1, 2)",
+    "t_module_grad": "lin = torch.nn.Linear(2, 2)\nlin.weight.grad = torch.full((2, 2), 5.0)\n"
+                     "b = lin.bias.detach().clone()\naccumulate(lin)\n"
+                     "assert torch.equal(lin.weight.grad, torch.full((2, 2), 6.0))\n"
+                     "assert torch.equal(lin.bias, b + 1) and lin.bias.grad is None",
+    "t_module_config": "import types\nm = torch.nn.Linear(2, 2)\n"
+                       "m.config = types.SimpleNamespace(size=2, hook=None)\nset_size(m, 5)\n"
+                       "assert m.config.size == 5 and m.config.hook is None",
+    "t_module_kept": "m, m2 = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)\n"
+                     "assert count_calls(m) == 1 and count_calls(m) == 2 and count_calls(m2) == 1\n"
+                     "assert count_calls(m) == 3, 'the same object across calls, as in a notebook'",
     "t_patcher": "patcher()\nassert not torch.allclose(torch.zeros(1), torch.ones(1))\n"
                  "assert not math.isclose(0.0, 1.0)",
     "t_forever": "forever()",
@@ -181,6 +217,8 @@ EXPECT = {"t_values": True, "t_grad": True, "t_callback": True, "t_callback_asse
           "t_generator": True, "t_setup_ref": True, "t_model_hook": True, "t_exceptions": True,
           "t_liar": False, "t_hidden_in_block": False, "t_visible_in_block": False,
           "t_files": True, "t_loss_callback": True, "t_patcher": True,
+          "t_module_inplace": True, "t_module_grad": True, "t_module_config": True,
+          "t_module_kept": True,
           "t_forever": False, "t_after_forever": False}
 
 
@@ -191,7 +229,8 @@ def verdicts(tmp_path_factory):
     env = {**os.environ, "HOME": str(tmp), "IPYTHONDIR": str(tmp / "ipython"),
            "OMP_NUM_THREADS": "1"}
     names = ["double", "pair", "apply", "draw", "is_setup", "run_model", "boom", "liar",
-             "patcher", "forever", "as_array", "grad_of", "write_file"]
+             "patcher", "forever", "as_array", "grad_of", "write_file", "shrink", "accumulate",
+             "set_size", "count_calls"]
     job = {"token": "t", "params": "BUDGET = 'ci'", "setup": SETUP, "exercises": [STUDENT],
            "functions": names, "values": [], "cell_timeout": 15, "ready_timeout": 120,
            "tests": [{"id": k, "source": textwrap.dedent(v)} for k, v in TESTS.items()],
@@ -250,3 +289,28 @@ def test_dask_engine_grades_exactly_as_local(tmp_path):
         rows = list(csv.DictReader(open(tmp_path / out / "gradebook.csv")))
         assert {r["student"]: float(r["score"]) for r in rows} == {"good": 9.0, "wrong": 6.0}
         assert (tmp_path / out / "feedback" / "good" / f"{lesson.slug}.html").exists()
+
+
+def test_module_state_from_a_worker_is_applied_as_data_only():
+    """What a worker reports of a module it changed is copied into the judge's own module only as
+    values: no method, private field or object is replaced, and a malformed report is refused."""
+    import types
+
+    from grader.judge import _apply_module_state
+
+    lin = torch.nn.Linear(2, 3)
+    lin.config = types.SimpleNamespace(size=3, extra=None)
+    forward, params = lin.forward, lin._parameters
+    state = {"tensors": [["", "p", "weight", torch.ones(1, 2), torch.ones(5), True],   # grad of a wrong shape
+                         ["", "p", "added", torch.ones(1), None, True],                # a parameter the judge lacks
+                         ["nope", "p", "weight", torch.ones(1), None, True]],          # a module it lacks
+             "attrs": [["", {"out_features": 1, "forward": "x", "_parameters": {}, "added": 3}]],
+             "configs": [["", {"size": 1, "extra": {"k": [1, 2]}, "__class__": "x"}]]}
+    _apply_module_state(lin, state)
+    assert lin.weight.shape == (1, 2) and lin.weight.grad is None and lin.weight.requires_grad
+    assert lin.out_features == 1 and lin.forward == forward and lin._parameters is params
+    assert not hasattr(lin, "added") and "added" not in lin._parameters
+    assert lin.config.size == 1 and lin.config.extra == {"k": [1, 2]} and type(lin.config) is types.SimpleNamespace
+    for bad in ([], {"tensors": [["", "p"]]}, {"attrs": [["", "not a dict"]]}, {"configs": "x"}):
+        with pytest.raises(TypeError):
+            _apply_module_state(lin, bad)
