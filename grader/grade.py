@@ -417,12 +417,14 @@ def grade_folder(submissions: Path, out_dir: Path, budget: str = "ci", feedback:
     for item in todo:
         groups.setdefault((item[0].lesson.slug, item[2]), []).append(item)
     bar = _bar(len(todo), progress_bar)
-    graded, done = [], 0
+    graded, done, started = [], 0, time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {pool.submit(grade_one, items[0]): items for items in groups.values()}
         for fut in as_completed(futures):
             items = futures[fut]
             (sub, data, sha, fp), result, seconds = fut.result()
+            outcome = course.last_outcome.get((sub.student, sub.lesson.slug))
+            where = ", ".join(f"{k} {v:.0f} s" for k, v in (outcome.phases if outcome else {}).items())
             copies = [(sub, result)]
             for other, _, _, _ in items[1:]:
                 twin = Result(**{**asdict(result), "student": other.student})
@@ -439,7 +441,8 @@ def grade_folder(submissions: Path, out_dir: Path, budget: str = "ci", feedback:
                 graded.append((one, sha, fp, res))
                 same = f" (same file as {sub.student})" if one is not sub else ""
                 line = (f"[{done}/{len(todo)}] {one.student:<16} {one.lesson.slug:<24} "
-                        f"{res.score:g}/{res.max_score:g}  {res.reason} ({seconds:.0f} s){same}")
+                        f"{res.score:g}/{res.max_score:g}  {res.reason} ({seconds:.0f} s"
+                        f"{': ' + where if where and one is sub else ''}){same}")
                 if bar is not None:
                     bar.update(1)
                     bar.write(line)
@@ -447,6 +450,10 @@ def grade_folder(submissions: Path, out_dir: Path, budget: str = "ci", feedback:
                     progress(line)
     if bar is not None:
         bar.close()
+    if groups:
+        took = time.perf_counter() - started
+        progress(f"graded {len(groups)} distinct submission(s) in {took:.0f} s "
+                 f"({took / len(groups):.1f} s each, {max(1, jobs)} at a time)")
 
     if feedback:
         _write_feedback(course, out_dir, [r for _, _, _, r in graded if r.status == "graded"])
