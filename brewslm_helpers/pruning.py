@@ -12,7 +12,8 @@ What is here (none of it is an exercise's answer):
 - ``block_influence``: how much each decoder block changes its input (1 - cosine, ShortGPT's measure);
 - ``drop_layers`` (``models.cut_student``), ``save_and_reload``;
 - ``lora_recover``: a short LoRA pass with TRL's ``SFTTrainer`` on the calibration paragraphs, merged
-  back so the pruned shapes stay plain ``nn.Linear``;
+  back so the pruned shapes stay plain ``nn.Linear``; ``kd_recover``: the same LoRA adapters trained on
+  the unpruned model's logits (forward KL at every token) instead of its sampled text;
 - ``tiny_llama``: a small random Llama (GQA, 4 query heads over 2 KV heads) for tests.
 """
 from __future__ import annotations
@@ -310,6 +311,13 @@ def save_and_reload(model, folder: str | Path | None = None, tokenizer=None):
 # Recovery: LoRA with TRL's SFTTrainer, merged back
 # ----------------------------------------------------------------------------------------------
 
+def _lora_config(r: int):
+    """Rank-``r`` LoRA on every projection of a Llama (alpha 2r, no dropout): both recoveries use it."""
+    from peft import LoraConfig
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
 def lora_recover(model, tokenizer, texts: list[str], steps: int, batch_size: int = 8, lr: float = 1e-3,
                  r: int = 16, max_length: int = 160, seed: int = 0):
     """Train LoRA adapters on every projection of ``model`` on plain ``texts`` (next-token loss, TRL
@@ -320,10 +328,8 @@ def lora_recover(model, tokenizer, texts: list[str], steps: int, batch_size: int
     pruned shapes and plain ``nn.Linear`` layers, so it saves and reloads like any Llama.
     """
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
-    lora = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora = _lora_config(r)
     args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="brewslm-13-lora-"), use_cpu=True, bf16=False,
                      gradient_checkpointing=False, seed=seed, max_steps=steps, per_device_train_batch_size=batch_size,
                      learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=min(5, steps // 5),
@@ -336,6 +342,52 @@ def lora_recover(model, tokenizer, texts: list[str], steps: int, batch_size: int
     seconds = time.perf_counter() - start
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     merged = trainer.model.merge_and_unload()
+    merged.eval()
+    return merged, losses, seconds
+
+
+def kd_recover(model, teacher, tokenizer, texts: list[str], steps: int, batch_size: int = 8,
+               lr: float = 1e-3, r: int = 16, max_length: int = 160, seed: int = 0):
+    """LoRA adapters (PEFT, every projection) trained to match the unpruned ``teacher``'s next-token
+    distribution at every real token of ``texts``: the forward KL(teacher || student) at T = 1,
+    averaged over tokens (logit distillation). AdamW, linear warm-up then cosine decay, as
+    ``lora_recover``; the texts are reshuffled each pass. Merged back, so the pruned shapes stay plain
+    ``nn.Linear``. Returns ``(merged model, KL per step in nats/token, seconds)``.
+    """
+    import torch.nn.functional as F
+    from peft import get_peft_model
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    lora = _lora_config(r)
+    student = get_peft_model(model, lora)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    warm = min(5, steps // 5)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warm) if s < warm
+        else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    order, batches, losses = torch.Generator().manual_seed(seed), [], []
+    teacher.eval()
+    student.train()
+    start = time.perf_counter()
+    for _ in tqdm(range(steps), desc="KD recovery", leave=False):
+        if not batches:  # a new pass over the texts, in a new order
+            perm = torch.randperm(len(texts), generator=order).tolist()
+            batches = token_batches(tokenizer, [texts[i] for i in perm], max_length, batch_size)[::-1]
+        batch = batches.pop()
+        real = batch["attention_mask"].bool()
+        with torch.no_grad():
+            target = F.log_softmax(teacher(input_ids=batch["input_ids"],
+                                           attention_mask=batch["attention_mask"]).logits[real], dim=-1)
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[real]
+        loss = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    seconds = time.perf_counter() - start
+    merged = student.merge_and_unload()
     merged.eval()
     return merged, losses, seconds
 

@@ -73,11 +73,11 @@ CFG = budget.pick(
     BUDGET,
     ci=dict(layers=6, calib_texts=4, gen_tokens=32, calib_tokens=32, taylor_batch=2, fisher_samples=2, heldout_texts=2,
             heldout_tokens=48, sweep_texts=1, fractions=(0.1, 0.25), why_fraction=0.1, target_fraction=0.25,
-            recover_steps=2, recover_batch=2, recover_lr=2e-4, prompt_tokens=16, decode_tokens=8, speed_repeats=1,
+            recover_steps=2, recover_batch=2, recover_lr=2e-4, kd_lr=1e-3, prompt_tokens=16, decode_tokens=8, speed_repeats=1,
             prefill_tokens=32, sparse_repeats=3, drop_layers=2),
     full=dict(layers=30, calib_texts=32, gen_tokens=128, calib_tokens=128, taylor_batch=8, fisher_samples=32, heldout_texts=16,
               heldout_tokens=256, sweep_texts=4, fractions=(0.1, 0.25, 0.4, 0.5), why_fraction=0.1, target_fraction=0.25,
-              recover_steps=12, recover_batch=8, recover_lr=2e-4, prompt_tokens=32, decode_tokens=32, speed_repeats=3,
+              recover_steps=12, recover_batch=8, recover_lr=2e-4, kd_lr=1e-3, prompt_tokens=32, decode_tokens=32, speed_repeats=3,
               prefill_tokens=256, sparse_repeats=20, drop_layers=4),
 )
 
@@ -864,41 +864,58 @@ assert MAX_DIFF < 1e-5 and RELOAD_DIFF < 1e-5 and REF_EQUAL and N_RELOADED < TOT
 del both, reloaded
 
 # %% [markdown]
-# ## 13. Recovery: a short LoRA pass on the unpruned model's own text
+# ## 13. Recovery: a short LoRA pass, on the unpruned model's text or on its logits
 #
 # Pruning leaves a damaged network; a little training repairs much of it (LLM-Pruner recovers with LoRA
-# on a few thousand samples). We train LoRA adapters (PEFT, rank 16, every projection) with TRL's
-# `SFTTrainer` on the calibration paragraphs, which the unpruned model wrote: the pruned model learns to
-# write like the model it came from (sequence-level distillation). The adapters are then merged, so the
-# recovered model has exactly the pruned shapes.
+# on a few thousand samples). We train LoRA adapters (PEFT, rank 16, every projection), then merge them,
+# so the recovered model has exactly the pruned shapes. Two targets, the same paragraphs, the same steps:
+#
+# - **SFT on the text** (TRL's `SFTTrainer`): the calibration paragraphs, which the unpruned model wrote,
+#   as next-token labels. The pruned model learns to write like the model it came from
+#   (sequence-level distillation). One token per position is all it learns from.
+# - **Logit distillation** (`pruning.kd_recover`): at every position, the unpruned model's whole
+#   next-token distribution, matched by the forward KL (lesson 3's soft term at T = 1). The same text
+#   carries far more signal, and the target is the function the pruned model lost, not the strings.
 #
 # Before calling any result a failure of pruning, rule out a failure of training: the loss must fall,
 # and the perplexity on the training paragraphs must fall with it. The opposite failure matters as much
-# here: 32 paragraphs are a tiny training set, so the rate and the step count are kept small (about three
-# passes over them). Raise either and watch the two columns part: the training-paragraph perplexity
-# heads for 1 while the held-out one climbs, a model that has memorized its recovery set.
+# here: 32 paragraphs are a tiny training set, so the step count is kept small (about three passes over
+# them), and SFT gets a small rate: at a higher one its training-paragraph perplexity heads for 1 while
+# the held-out one climbs, a model that has memorized its recovery set. The KL target, a whole
+# distribution at every token, is much harder to memorize, so it gets a higher rate (`kd_lr`). Give SFT
+# that rate too and watch its two columns part.
 
 # %%
 PRUNED, keep_target = pruned_mlp(SCORES[BEST], CFG["target_fraction"])
 CALIB_IDS = [tok(t, add_special_tokens=False)["input_ids"][: CFG["calib_tokens"]] for t in CALIB[: CFG["heldout_texts"]]]
 PPL_PRUNED = pruning.perplexity(PRUNED, HELD)
 PPL_PRUNED_TRAIN = pruning.perplexity(PRUNED, CALIB_IDS)
-RECOVERED, losses, RECOVER_SECONDS = pruning.lora_recover(copy.deepcopy(PRUNED), tok, CALIB, steps=CFG["recover_steps"],
-                                                         batch_size=CFG["recover_batch"], lr=CFG["recover_lr"],
-                                                         max_length=CFG["calib_tokens"])
-PPL_RECOVERED = pruning.perplexity(RECOVERED, HELD)
-PPL_RECOVERED_TRAIN = pruning.perplexity(RECOVERED, CALIB_IDS)
+RECOVER_ARGS = dict(steps=CFG["recover_steps"], batch_size=CFG["recover_batch"], max_length=CFG["calib_tokens"])
+ARMS = {"LoRA SFT on its text": pruning.lora_recover(copy.deepcopy(PRUNED), tok, CALIB, lr=CFG["recover_lr"], **RECOVER_ARGS),
+        "LoRA logit KD": pruning.kd_recover(copy.deepcopy(PRUNED), model, tok, CALIB, lr=CFG["kd_lr"], **RECOVER_ARGS)}
 PPL_DENSE_TRAIN = pruning.perplexity(model, CALIB_IDS)
-print(f"{BEST}, {1 - keep_target.shape[1] / INTER:.0%} of MLP channels removed: {pruning.param_count(PRUNED):,} parameters")
-print(f"LoRA recovery: {len(losses)} steps in {RECOVER_SECONDS:.0f} s, loss {losses[0]:.3f} -> {np.mean(losses[-5:]):.3f}")
-display(pd.DataFrame({"held-out perplexity": {"unpruned": PPL_DENSE, "pruned": PPL_PRUNED, "recovered": PPL_RECOVERED},
-                      "perplexity on the training paragraphs": {"unpruned": PPL_DENSE_TRAIN, "pruned": PPL_PRUNED_TRAIN,
-                                                                "recovered": PPL_RECOVERED_TRAIN}}).round(2))
-print(f"recovered / unpruned held-out perplexity: {PPL_RECOVERED / PPL_DENSE:.2f}x (target <= 1.5x)")
-fig, ax = plots.new_axes("LoRA recovery (TRL SFTTrainer)", "step", "loss (nats/token)")
-ax.plot(range(1, len(losses) + 1), losses, alpha=0.4, label="per step")
-ax.plot(range(1, len(losses) + 1), plots.smooth(losses, max(1, len(losses) // 10)), label="smoothed")
-ax.legend()
+RECOVERY = pd.DataFrame([{"model": "unpruned", "held-out perplexity": PPL_DENSE, "perplexity on the training paragraphs": PPL_DENSE_TRAIN},
+                         {"model": "pruned", "held-out perplexity": PPL_PRUNED, "perplexity on the training paragraphs": PPL_PRUNED_TRAIN}]
+                        + [{"model": f"recovered: {arm}", "held-out perplexity": pruning.perplexity(m, HELD),
+                            "perplexity on the training paragraphs": pruning.perplexity(m, CALIB_IDS), "seconds": sec}
+                           for arm, (m, _, sec) in ARMS.items()]).set_index("model")
+RECOVERY["x unpruned (held-out)"] = RECOVERY["held-out perplexity"] / PPL_DENSE
+print(f"{BEST}, {1 - keep_target.shape[1] / INTER:.0%} of MLP channels removed: {pruning.param_count(PRUNED):,} parameters; "
+      f"{CFG['recover_steps']} steps x {CFG['recover_batch']} paragraphs per arm")
+display(RECOVERY.round(2))
+RECOVERY_ARM = min(ARMS, key=lambda arm: RECOVERY.loc[f"recovered: {arm}", "held-out perplexity"])
+RECOVERED, losses, RECOVER_SECONDS = ARMS[RECOVERY_ARM]
+PPL_RECOVERED = float(RECOVERY.loc[f"recovered: {RECOVERY_ARM}", "held-out perplexity"])
+PPL_SFT, PPL_KD = (float(RECOVERY.loc[f"recovered: {arm}", "held-out perplexity"]) for arm in ARMS)
+print(f"on the same paragraphs and steps: logit KD {PPL_KD:.1f}, SFT on the text {PPL_SFT:.1f} held-out perplexity "
+      f"(pruned {PPL_PRUNED:.1f}, unpruned {PPL_DENSE:.1f})")
+print(f"the better recovery here: {RECOVERY_ARM}, {PPL_RECOVERED / PPL_DENSE:.2f}x the unpruned held-out perplexity "
+      f"(target <= 1.5x); it is the 'recovered' model from here on")
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+for ax, (arm, (_, arm_losses, _)) in zip(axes, ARMS.items()):
+    ax.plot(range(1, len(arm_losses) + 1), arm_losses, marker="o")
+    ax.set(title=arm, xlabel="step", ylabel="cross-entropy (nats/token)" if "SFT" in arm else "KL(unpruned || pruned), nats/token")
+plt.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -1010,10 +1027,13 @@ rows += [
     {"quantity": "reloaded pruned model vs pruned model: max |logit diff|", "value": RELOAD_DIFF, "unit": "logits"},
     {"quantity": "reloaded pruned model (MLP -25 %, 6 query heads)", "value": N_RELOADED, "unit": "parameters"},
     {"quantity": f"MLP -25 % ({BEST}): held-out perplexity, pruned", "value": round(PPL_PRUNED, 3), "unit": "ppl"},
-    {"quantity": f"MLP -25 % ({BEST}): held-out perplexity, recovered", "value": round(PPL_RECOVERED, 3), "unit": "ppl",
-     "note": f"LoRA r=16, {CFG['recover_steps']} steps x {CFG['recover_batch']}, {RECOVER_SECONDS:.0f} s"},
-    {"quantity": "recovered / unpruned perplexity", "value": round(PPL_RECOVERED / PPL_DENSE, 3), "unit": "ratio", "note": "target <= 1.5"},
-    {"quantity": "recovery loss, first -> last 5 steps", "value": f"{losses[0]:.3f} -> {np.mean(losses[-5:]):.3f}", "unit": "nats/token"},
+    {"quantity": f"MLP -25 % ({BEST}): held-out perplexity, recovered by LoRA SFT on its text", "value": round(PPL_SFT, 3), "unit": "ppl",
+     "note": f"LoRA r=16, {CFG['recover_steps']} steps x {CFG['recover_batch']}, lr {CFG['recover_lr']}"},
+    {"quantity": f"MLP -25 % ({BEST}): held-out perplexity, recovered by LoRA logit KD", "value": round(PPL_KD, 3), "unit": "ppl",
+     "note": f"LoRA r=16, {CFG['recover_steps']} steps x {CFG['recover_batch']}, lr {CFG['kd_lr']}"},
+    {"quantity": "recovered / unpruned perplexity", "value": round(PPL_RECOVERED / PPL_DENSE, 3), "unit": "ratio",
+     "note": f"{RECOVERY_ARM}; target <= 1.5"},
+    {"quantity": f"recovery loss ({RECOVERY_ARM}), first -> last 3 steps", "value": f"{losses[0]:.3f} -> {np.mean(losses[-3:]):.3f}", "unit": "nats/token"},
 ]
 for name, r in SPEEDS.iterrows():
     rows.append({"quantity": f"{name}: decode / prefill speed-up", "value": f"{r['decode speed-up']:.2f} / {r['prefill speed-up']:.2f}",
@@ -1046,7 +1066,9 @@ report.record_results("13_pruning", BUDGET, rows)
 #   matrix, a fifth of this model that every token reads, cannot be pruned this way at all.
 # - **Is it worth it?** Rarely, and not first. On size against perplexity, quantization (lesson 6) wins
 #   by a wide margin at almost no quality cost, with no training; pruning 25 % of the MLP channels saves
-#   about a seventh of the bytes and costs perplexity that a short recovery only partly buys back. Prune
+#   about a seventh of the bytes and costs perplexity that a short recovery only partly buys back (the
+#   recovery table puts training on the unpruned model's text next to distilling its logits, on the same
+#   paragraphs and steps; 32 paragraphs are a tiny recovery set, where LLM-Pruner uses tens of thousands). Prune
 #   after quantizing and distilling, when the last few percent of speed matter and there is training
 #   budget to recover.
 # - **Honest caveats.** One seed, one calibration set written by the model itself, a small held-out set

@@ -169,6 +169,20 @@ def test_lora_recover_keeps_pruned_shapes(tiny_llama_of, tok):
     assert merged.model.layers[0].mlp.up_proj.weight.shape == (64, 32)
 
 
+def test_kd_recover_keeps_pruned_shapes_and_moves_toward_the_teacher(tiny_llama_of, tok):
+    from brewslm_helpers import models
+
+    teacher = tiny_llama_of(2)
+    student = models.student_from_config(tok, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                                         intermediate_size=64, seed=1)  # other weights: far from the teacher
+    texts = ["Hello there, this is a text.", "Another short line of words."]
+    merged, losses, seconds = pruning.kd_recover(student, teacher, tok, texts, steps=8, batch_size=2,
+                                                 lr=1e-2, r=4, max_length=16)
+    assert len(losses) == 8 and seconds > 0 and losses[-1] < 0.99 * losses[0], losses  # KL falls
+    assert type(merged.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert merged.model.layers[0].mlp.up_proj.weight.shape == (64, 32)
+
+
 def test_calibration_texts_are_cached(tiny_llama_of, tok, tmp_path, monkeypatch):
     monkeypatch.setenv("BREWSLM_CACHE", str(tmp_path))
     model = tiny_llama_of(1)
