@@ -37,9 +37,10 @@
 #    gated to zero, and reloads from disk.
 #
 # **You will measure**, on the real SmolLM2-135M-Instruct: perplexity against the fraction pruned for
-# each family, what heads and whole layers cost, a short recovery pass (LoRA with TRL), the real decode
-# and prefill speed-up of the structured model, why `torch.sparse` does not give one, and where a pruned
-# model lands next to lesson 6's quantized files on size against perplexity.
+# each family, what heads and whole layers cost, a short LoRA recovery pass (trained on the unpruned
+# model's text with TRL, against distilling its logits), the real decode and prefill speed-up of the
+# structured model, why `torch.sparse` does not give one, and where a pruned model lands next to
+# lesson 6's quantized files on size against perplexity.
 
 # %% tags=["parameters"]
 import os
