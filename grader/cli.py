@@ -133,17 +133,12 @@ def cmd_validate(args) -> int:
 
 def cmd_mistakes(args) -> int:
     """For lesson authors: which test cells each known mistake fails (one kernel per lesson)."""
-    from .course import IN_SANDBOX_VERDICTS
     from .notebooks import read_notebook, test_cells
     from .selfcheck import judge_variants, score_variants, should_fail
 
     bad = 0
     for lesson in select_lessons(args.lessons):
         points = test_cells(read_notebook(lesson.solution))
-        if args.judge and lesson.slug in IN_SANDBOX_VERDICTS:
-            print(f"{lesson.slug}: graded by the in-sandbox re-check, not the judge "
-                  f"({IN_SANDBOX_VERDICTS[lesson.slug]}): checked without --judge", flush=True)
-            continue
         print(f"{lesson.slug}: {len(lesson.mistakes)} known mistakes, {len(points)} test cells"
               + (" (the judge)" if args.judge else ""), flush=True)
         check = judge_variants if args.judge else score_variants

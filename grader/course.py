@@ -48,10 +48,6 @@ from .run import notebook_env
 
 from brewslm_helpers.paths import cache_dir
 
-# lessons whose marks still come from the older in-sandbox re-check (grader.verify), because the
-# judge cannot grade them yet: their tests hand the exercises objects that are neither data nor
-# modules (an open SQLite connection), which cannot cross (the isolation applies to all)
-IN_SANDBOX_VERDICTS = {"09_observability": "tests hand the exercises SQLite connections and files"}
 # what a submission's sandbox sees of the repository (read-only): what the release ships
 RELEASED = ["brewslm_helpers", "grader", "notebooks", "pyproject.toml", "README.md"]
 # variables that point a process at configuration or state outside its own private folders
@@ -212,7 +208,7 @@ class Course:
         self.notebook_timeout = notebook_timeout
         self.memory_bytes = memory_bytes
         self.max_output_bytes = max_output_bytes
-        self.recheck = recheck  # phase 2 (grader.verify); off only to compare with plain nbgrader
+        self.recheck = recheck  # phase 2 (the judge); off only to compare with plain nbgrader
         self.hide = [Path(p).resolve() for p in (hide or [])]  # more folders a submission must not see
         self.threads = threads  # math-library threads per graded kernel (None: the library default)
         self._template: dict[str, bytes] = {}   # lesson slug -> empty gradebook (assignment only)
@@ -509,9 +505,6 @@ class Course:
         The judge is a process of this grader with its own empty HOME; one is kept per lesson and
         grading thread (its setup runs once), and each job starts from the state its setup left."""
         job = self.judge_job(lesson, submission)
-        if lesson.slug in IN_SANDBOX_VERDICTS:
-            found = self._recheck(work, "student", lesson, submission, job["test_ids"])
-            return {g: {"passed": not why, "message": why} for g, why in found.items()}
         box = work / "worker"
         box.mkdir()
         view, env = self._box(box)
@@ -569,50 +562,6 @@ class Course:
             self._judges.clear()
         for j in judges:
             j.close()
-
-    def _recheck(self, work: Path, student: str, lesson: Lesson, notebook: bytes,
-                 test_ids: list[str]) -> dict[str, str]:
-        """The older phase 2 (grader.verify: a fresh kernel in the sandbox, behind an integrity
-        check) for a lesson in ``IN_SANDBOX_VERDICTS``, which the judge cannot grade yet."""
-        source = self.source(lesson)
-        student_code = _student_code(notebook)
-        params = next((c.source for c in source.cells
-                       if "parameters" in c.get("metadata", {}).get("tags", [])), "")
-        setup, exercise, pairs = "", None, []
-        for cell in source.cells:
-            meta = nbgrader_meta(cell)
-            if meta.get("grade_id") == "setup":
-                setup = cell.source
-            elif meta.get("solution") and cell.cell_type == "code":
-                exercise = meta["grade_id"]
-            elif meta.get("grade") and not meta.get("solution") and meta["grade_id"] in test_ids:
-                pairs.append((meta["grade_id"], student_code.get(exercise, "") if exercise else "",
-                              cell.source))
-        job, expected = verify.build_job(params, setup, pairs)
-        token = secrets.token_hex(16)
-        box = work / "recheck"
-        box.mkdir()
-        view, env = self._box(box)
-        job.update(token=token, cell_timeout=self.cell_timeout,
-                   max_output_bytes=self.max_output_bytes, workdir=str(box))
-        run = sandbox.run_limited([sys.executable, "-m", "grader.verify"], cwd=box,
-                                  env=env, limits=self.limits(self.notebook_timeout),
-                                  stdin=json.dumps(job).encode(), hide=view.hide, view=view,
-                                  log_path=work / "parent" / "phase2.log")
-        results, fatal = None, _phase1_reason(run, self.notebook_timeout, self.memory_bytes)
-        for line in reversed(run.output.splitlines()):
-            if token in line:
-                try:
-                    data = json.loads(line)
-                except ValueError:
-                    continue
-                if data.get("token") == token:
-                    results = data.get("results")
-                    fatal = fatal or data.get("error", "")
-                    break
-        if results is None and not fatal:
-            fatal = "the fresh-kernel re-check gave no result"
-        return verify.interpret(results, expected, fatal and f"re-check failed: {fatal}")
 
     def judge_job(self, lesson: Lesson, submission: bytes) -> dict:
         """What the judge needs: the lesson's own cells (from the source this process holds), the

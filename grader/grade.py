@@ -516,7 +516,7 @@ def write_gradebook(results: list[Result], out_dir: Path) -> Path:
 
 def summary_table(results: list[Result]) -> str:
     """The gradebook as a fixed-width text table: student, lesson, score, max, and the status with
-    the reason for anything not graded (or for a test cell the integrity re-check failed)."""
+    the reason for anything not graded (or for a test cell the judge failed)."""
     rows = [("student", "lesson", "score", "max", "status / reason")]
     for r in sorted(results, key=lambda r: (r.student, r.lesson)):
         status = r.status + (f": {r.reason}" if r.reason else "")

@@ -20,7 +20,11 @@ object after the call and before each callback: the weights, gradients and buffe
 (shapes included), plain settings (``in_features``, ``num_key_value_groups``...) and its config,
 so that an exercise that changes a model in place (pruning, an optimiser step) is seen as it is in
 the notebook. Only values cross, applied by the judge to modules of its own classes; a module the
-function added or removed is not copied. What comes back is
+function added or removed is not copied. An SQLite connection crosses as the file it is open on: one
+the student's function returns becomes the judge's *own* connection to that file (so what the test
+reads, the triggers and locks it meets, are the database's, not what the student's process says),
+and passed back it stands for the worker's connection; one the test opened reaches the worker as the
+worker's own connection to the same file (an in-memory database as a copy). What comes back is
 data only, in a safe format (:func:`encode` / :func:`decode`: JSON plus raw buffers): ``None``,
 bools, numbers, strings, bytes, lists, tuples, dicts, sets, torch tensors, numpy arrays and
 scalars, dtypes, and references to objects the judge itself sent. No pickle in that direction,
@@ -40,11 +44,14 @@ import json
 import os
 import pickle
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
+import threading
 import time
 import types
+import urllib.parse
 
 MAX_MESSAGE = 512 * 2 ** 20    # bytes of one message from the worker
 MAX_DEPTH = 200                 # nesting of one decoded value
@@ -52,6 +59,9 @@ HIDDEN = "### BEGIN HIDDEN TESTS"
 
 TENSOR_DTYPES = ["float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64",
                  "uint8", "bool", "complex64", "complex128"]
+SQLITE_EXCEPTIONS = {"Warning", "Error", "InterfaceError", "DatabaseError", "DataError",
+                     "OperationalError", "IntegrityError", "InternalError", "ProgrammingError",
+                     "NotSupportedError"}
 SAFE_EXCEPTIONS = {n for n in dir(builtins) if isinstance(getattr(builtins, n), type)
                    and issubclass(getattr(builtins, n), Exception)}
 
@@ -115,9 +125,11 @@ def receive(f, limit: int = MAX_MESSAGE) -> tuple[dict, list[bytes]]:
 
 
 # -- the safe codec (worker -> judge) -------------------------------------------------------------
-def encode(x, blobs: list, refs: dict | None = None, setup: dict | None = None, depth: int = 0):
+def encode(x, blobs: list, refs: dict | None = None, setup: dict | None = None, depth: int = 0,
+           keep=None):
     """A JSON tree for ``x`` (buffers appended to ``blobs``). ``refs``: ``{id(obj): n}`` of objects
-    the judge sent; ``setup``: ``{id(obj): name}`` of the sender's setup objects."""
+    the judge sent; ``setup``: ``{id(obj): name}`` of the sender's setup objects; ``keep(obj) -> n``:
+    in the worker, keeps an SQLite connection it returns (sent as the file it is open on, ``sq``)."""
     import numpy as np
     import torch
 
@@ -134,7 +146,7 @@ def encode(x, blobs: list, refs: dict | None = None, setup: dict | None = None, 
         return x if abs(x) < 2 ** 62 else {"i": str(x)}
     if t is float:
         return {"f": repr(x)} if x != x or x in (float("inf"), float("-inf")) else x
-    rec = lambda v: encode(v, blobs, refs, setup, depth + 1)  # noqa: E731
+    rec = lambda v: encode(v, blobs, refs, setup, depth + 1, keep)  # noqa: E731
     if t is list:
         return {"l": [rec(v) for v in x]}
     if t is tuple or (isinstance(x, tuple) and hasattr(x, "_fields")):
@@ -174,12 +186,18 @@ def encode(x, blobs: list, refs: dict | None = None, setup: dict | None = None, 
         return {"sz": [int(v) for v in x]}
     if t is torch.device:
         return {"dev": str(x)}
+    if keep is not None and isinstance(x, sqlite3.Connection):
+        desc = _sqlite_settings(x)
+        if desc.get("path"):
+            return {"sq": {**desc, "ref": keep(x)}}
     return {"o": f"{getattr(t, '__module__', '?')}.{getattr(t, '__qualname__', '?')}"}
 
 
 def decode(tree, blobs: list[bytes], refs: dict | None = None, setup: dict | None = None,
-           depth: int = 0):
-    """The value ``encode`` described: plain types only, built by the judge's own code."""
+           depth: int = 0, sqlite=None):
+    """The value ``encode`` described: plain types only, built by the judge's own code.
+    ``sqlite(settings) -> connection``: the judge's own connection to the file a returned SQLite
+    connection is open on (:meth:`Connection.mirror_sqlite`)."""
     import numpy as np
     import torch
 
@@ -189,7 +207,7 @@ def decode(tree, blobs: list[bytes], refs: dict | None = None, setup: dict | Non
         return tree
     if type(tree) is not dict or len(tree) == 0:
         raise ValueError("malformed value")
-    rec = lambda v: decode(v, blobs, refs, setup, depth + 1)  # noqa: E731
+    rec = lambda v: decode(v, blobs, refs, setup, depth + 1, sqlite)  # noqa: E731
     kind = next(iter(tree))
     v = tree[kind]
     if kind == "i":
@@ -249,6 +267,10 @@ def decode(tree, blobs: list[bytes], refs: dict | None = None, setup: dict | Non
         return setup[str(v)]
     if kind == "o":
         return Opaque(str(v)[:200])
+    if kind == "sq":
+        if sqlite is None or type(v) is not dict:
+            return Opaque("sqlite3.Connection")
+        return sqlite(v)
     raise ValueError(f"unknown value kind {kind!r}")
 
 
@@ -256,6 +278,45 @@ def _list(v) -> list:
     if type(v) is not list:
         raise ValueError("malformed value")
     return v
+
+
+def _sqlite_settings(c) -> dict:
+    """What it takes to open another connection like ``c``: its main database file ("" when in
+    memory), whether rows come back as ``sqlite3.Row``, its isolation level, busy timeout (ms) and
+    whether foreign keys are enforced (per connection in SQLite)."""
+    try:
+        files = {r[1]: r[2] for r in c.execute("PRAGMA database_list").fetchall()}
+        return {"path": str(files.get("main") or ""), "row": c.row_factory is sqlite3.Row,
+                "iso": c.isolation_level,
+                "timeout_ms": int(c.execute("PRAGMA busy_timeout").fetchone()[0]),
+                "fk": bool(c.execute("PRAGMA foreign_keys").fetchone()[0])}
+    except Exception:  # closed, or not a real connection
+        return {}
+
+
+def _sqlite_open(target: str, settings: dict, uri: bool = False, factory=sqlite3.Connection):
+    """A connection to ``target`` with the ``settings`` of :func:`_sqlite_settings` (checked)."""
+    iso = settings.get("iso")
+    if iso not in (None, "", "DEFERRED", "IMMEDIATE", "EXCLUSIVE"):
+        iso = ""
+    timeout = settings.get("timeout_ms")
+    timeout = min(max(float(timeout), 0.0), 600_000.0) / 1000 if type(timeout) in (int, float) else 5.0
+    c = sqlite3.connect(target, timeout=timeout, isolation_level=iso, check_same_thread=False,
+                        uri=uri, factory=factory)
+    c.execute("PRAGMA trusted_schema=OFF")
+    if settings.get("fk") is True:
+        c.execute("PRAGMA foreign_keys=ON")
+    if settings.get("row") is True:
+        c.row_factory = sqlite3.Row
+    return c
+
+
+class MirrorConnection(sqlite3.Connection):
+    """The judge's own connection to the SQLite file a connection the worker returned is open on
+    (what the test reads there is in the file, not what the student's process says); passed back
+    to the student's function, it stands for the worker's connection (``worker_ref``)."""
+    worker_ref = None
+    worker_generation = None
 
 
 def _tensors(x, out: list, depth: int = 0) -> list:
@@ -341,6 +402,22 @@ class _WorkerUnpickler(pickle.Unpickler):
                 w.refs[id(obj)] = n
                 w.baselines[n] = _signatures(obj)
             return w.objects[n]
+        if kind == "wconn":  # a connection this process returned earlier: its own object
+            obj = w.returned.get(pid[1])
+            if obj is None:
+                raise pickle.UnpicklingError("a connection this process no longer has")
+            return obj
+        if kind == "sqlite":  # the judge's own connection: one of ours on the same file
+            n, settings = pid[1], pid[2]
+            if settings.get("mem") is not None:  # in memory: a copy, fresh for each call
+                c = _sqlite_open(":memory:", settings)
+                c.deserialize(settings["mem"])
+            else:
+                c = w.opened.get(n)
+                if c is None:
+                    c = w.opened[n] = _sqlite_open(settings["path"], settings)
+            w.refs[id(c)] = n
+            return c
         if kind == "gen":
             import torch
 
@@ -361,13 +438,23 @@ class Worker:
         self.kept = {}  # module key -> this process's copy, kept across calls (as in a notebook)
         self.graphs = {}  # call id -> (inputs, outputs) kept for backward
         self.local = {}   # callback id -> the judge's function, sent to run here
+        self.returned = {}  # number -> an SQLite connection the student's code returned (kept)
+        self.opened = {}    # the judge's connection's number -> this process's connection to its file
+
+    def keep(self, obj) -> int:
+        for n, c in self.returned.items():
+            if c is obj:
+                return n
+        n = len(self.returned)
+        self.returned[n] = obj
+        return n
 
     def callback_stub(self, n):
         def callback(*args, **kwargs):
             if n in self.local:
                 return self.local[n](*args, **kwargs)
             blobs = []
-            tree = encode([list(args), kwargs], blobs, self.refs)
+            tree = encode([list(args), kwargs], blobs, self.refs, keep=self.keep)
             mods = self.module_states(blobs)
             send(self.wr, {"op": "callback", "cb": n, "args": tree, "mods": mods}, blobs)
             value = self.serve(until_reply=True)
@@ -424,7 +511,8 @@ class Worker:
                 if isinstance(e, KeyboardInterrupt):
                     raise
                 out = []
-                send(self.wr, {"op": "error", "type": type(e).__name__, "msg": _safe_str(e),
+                send(self.wr, {"op": "error", "type": type(e).__name__,
+                               "module": str(getattr(type(e), "__module__", "")), "msg": _safe_str(e),
                                "mods": self.module_states(out) if op == "call" else {}}, out)
 
     def handle(self, op: str, header: dict, blobs: list[bytes]) -> None:
@@ -433,7 +521,8 @@ class Worker:
         if op == "get":
             value = self.shell.user_ns[header["name"]]
             out = []
-            send(self.wr, {"op": "result", "value": encode(value, out, self.refs)}, out)
+            send(self.wr, {"op": "result", "value": encode(value, out, self.refs, keep=self.keep)},
+                 out)
             return
         if op == "call":
             self.objects, self.refs, self.generators, self.local = {}, {}, {}, {}
@@ -448,7 +537,7 @@ class Worker:
             with torch.enable_grad() if grad_inputs else _nothing():
                 value = fn(*args, **kwargs)
             out = []
-            tree = encode(value, out, self.refs)
+            tree = encode(value, out, self.refs, keep=self.keep)
             reply = {"op": "result", "value": tree,
                      "gens": {str(n): encode(g.get_state(), out) for n, g in self.generators.items()},
                      "mods": self.module_states(out)}
@@ -674,6 +763,15 @@ class _JudgePickler(_Pickler):
             return ("cb", conn.register(obj))
         if isinstance(obj, torch.Generator):
             return ("gen", conn.register(obj), obj.get_state())
+        if isinstance(obj, sqlite3.Connection):
+            if isinstance(obj, MirrorConnection) and obj.worker_generation == conn.generation:
+                return ("wconn", obj.worker_ref)
+            settings = _sqlite_settings(obj)
+            if not settings:
+                raise pickle.PicklingError("a closed SQLite connection")
+            if not settings["path"]:
+                settings["mem"] = obj.serialize()
+            return ("sqlite", conn.register(obj), settings)
         if isinstance(obj, torch.nn.Module) and self.root is None:
             n = conn.module_key(obj)
             if n not in self.payloads and conn.fingerprints.get(n) == _fingerprint(obj):
@@ -726,8 +824,12 @@ class Connection:
         self.fingerprints: dict[str, tuple] = {}
         self.cell_timeout = 120.0
         self.scratch = ""  # a folder the test and the student's function share (both may write)
+        self.generation = 0  # the worker's number (restarts): its kept connections are its own
+        self.mirrors: list = []  # the judge's connections to files the worker's connections use
+        self.lock = threading.RLock()  # one call at a time (a test may call from several threads)
 
     def launch(self) -> None:
+        self.generation += 1
         self.proc = self._start()
         self.ready_at = time.monotonic()
 
@@ -747,6 +849,31 @@ class Connection:
             self.wait_ready()
             # the restart (the lesson's setup, again) is not the test cell's time
             self.deadline = max(self.deadline, time.monotonic() + self.cell_timeout)
+
+    def mirror_sqlite(self, settings: dict):
+        """The judge's own connection to the file of an SQLite connection the worker returned, if
+        that file is a plain file inside the shared scratch folder; else an :class:`Opaque`."""
+        path = settings.get("path")
+        ref = settings.get("ref")
+        if type(path) is not str or type(ref) is not int or not self.scratch:
+            return Opaque("sqlite3.Connection")
+        root = os.path.realpath(self.scratch)
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, root]) != root or os.path.islink(path) or not os.path.isfile(real):
+            return Opaque("sqlite3.Connection (its file is not in the test's temporary folder)")
+        c = _sqlite_open(f"file:{urllib.parse.quote(real)}?mode=rw", settings, uri=True,
+                         factory=MirrorConnection)
+        c.worker_ref, c.worker_generation = ref, self.generation
+        self.mirrors.append(c)
+        return c
+
+    def close_mirrors(self) -> None:
+        for c in self.mirrors:
+            try:
+                c.close()
+            except Exception:
+                pass
+        self.mirrors.clear()
 
     def module_key(self, obj) -> str:
         """The key of a module for this job (the module is kept alive: the key stays its own)."""
@@ -834,13 +961,15 @@ class Connection:
                 raise failed
             if op == "error":  # what the function changed before it raised stays changed
                 self.sync_modules(reply, rblobs)
-                raise _exception(str(reply.get("type", "Error")), str(reply.get("msg", "")))
+                raise _exception(str(reply.get("type", "Error")), str(reply.get("msg", "")),
+                                 str(reply.get("module", "")))
             if op != "result":
                 self.kill()
                 raise WorkerGone("the submission's process broke the protocol")
             self.sync_modules(reply, rblobs)
             try:
-                value = decode(reply.get("value"), rblobs, self.table, self.setup_objs)
+                value = decode(reply.get("value"), rblobs, self.table, self.setup_objs,
+                               sqlite=self.mirror_sqlite)
             except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
                 raise TypeError(f"the function returned something the grader cannot read ({e})") \
                     from None
@@ -870,7 +999,8 @@ class Connection:
             fn = self.table[reply["cb"]] if type(reply.get("cb")) is int else None
             if not callable(fn):
                 raise ValueError("unknown callback")
-            args, kwargs = decode(reply.get("args"), rblobs, self.table, self.setup_objs)
+            args, kwargs = decode(reply.get("args"), rblobs, self.table, self.setup_objs,
+                                  sqlite=self.mirror_sqlite)
             if type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
                 raise ValueError("malformed callback arguments")
             value = fn(*args, **kwargs)
@@ -910,7 +1040,11 @@ def _clean_scratch(folder: str) -> None:
                     pass
 
 
-def _exception(name: str, msg: str) -> BaseException:
+def _exception(name: str, msg: str, module: str = "builtins") -> BaseException:
+    """The judge's own exception for one the worker reported by name: a builtin one, or one of
+    ``sqlite3``'s (a test catches ``sqlite3.DatabaseError``); anything else as a RuntimeError."""
+    if module == "sqlite3" and name in SQLITE_EXCEPTIONS:
+        return getattr(sqlite3, name)(msg)
     if name in SAFE_EXCEPTIONS and name not in ("SystemExit", "KeyboardInterrupt", "GeneratorExit"):
         cls = getattr(builtins, name)
         try:
@@ -941,6 +1075,10 @@ class RemoteFunction:
         return value
 
     def _call(self, args, kwargs, grad: bool):
+        with self.conn.lock:
+            return self._call_locked(args, kwargs, grad)
+
+    def _call_locked(self, args, kwargs, grad: bool):
         conn = self.conn
         conn.calls += 1
         payloads: dict = {}
@@ -994,7 +1132,8 @@ def _bridge(remote: RemoteFunction, args, kwargs):
         @staticmethod
         def backward(ctx, *grads):
             buf = pickle.dumps(list(grads))
-            got, _, _ = remote.conn.request({"op": "backward", "call": ctx.call}, [buf])
+            with remote.conn.lock:
+                got, _, _ = remote.conn.request({"op": "backward", "call": ctx.call}, [buf])
             if type(got) is not list or len(got) != len(ctx.shapes):
                 raise RuntimeError("the submission's backward pass returned malformed gradients")
             out = []
@@ -1146,6 +1285,7 @@ class Session:
             except OSError:
                 pass
             conn.kill()
+            conn.close_mirrors()
 
     def _judge(self, conn: Connection, job: dict) -> dict:
         shell = self.shell

@@ -1,7 +1,7 @@
 """Do a lesson's test cells tell its known mistakes apart? Every variant in one kernel.
 
 Grading a known-wrong variant through the whole pipeline (``grader.course``: nbgrader in a sandbox,
-then the fresh-kernel re-check) costs a kernel start, the lesson's setup and nbgrader's own overhead
+then the trusted judge) costs a kernel start, the lesson's setup and nbgrader's own overhead
 per variant. What the known mistakes need checking is narrower: that each wrong variant fails
 exactly the test cells it names and passes the others. So this runs the lesson's setup cells once,
 then, for each variant (the solution first, each known mistake, the solution again last, which

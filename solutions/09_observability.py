@@ -249,8 +249,28 @@ with tempfile.TemporaryDirectory() as tmp:
     for t in threads:
         t.join()
     assert not errors, errors[:2]
+    # the race made certain: another writer holds the lock and appends a row while yours starts;
+    # yours must wait for the lock and only then read the last hash (its row follows the other's)
+    other = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    last = other.execute("SELECT id, hash FROM events ORDER BY id DESC LIMIT 1").fetchone()
+    theirs = {"run_id": "other", "kind": "serve", "time": "2026-01-01T00:01:00.000000Z", "actor": "other",
+              "inputs_hash": digest("q"), "outputs_hash": digest("a"), "metrics": canonical_json({}), "parent": None}
+    their_hash = digest(last[1] + canonical_json(theirs))
+    other.execute("INSERT INTO events (run_id, kind, time, actor, inputs_hash, outputs_hash, metrics, parent,"
+                  " prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  (*[theirs[k] for k in events.RECORD_FIELDS], last[1], their_hash))
+    release = threading.Timer(1.5, other.execute, ("COMMIT",))
+    release.start()
+    try:
+        mine = append_event(conn, _ev(999, actor="late"))
+    finally:
+        release.join()
+        other.close()
+    assert mine["prev_hash"] == their_hash, \
+        "your row points past the other writer's: it read the last hash before it had the write lock"
     rows = [dict(r) for r in conn.execute("SELECT * FROM events ORDER BY id")]
-    assert len(rows) == 2 + 4 * 40, f"{len(rows)} rows: events were lost"
+    assert len(rows) == 2 + 4 * 40 + 2, f"{len(rows)} rows: events were lost"
     prev = GENESIS
     for r in rows:
         assert r["prev_hash"] == prev, f"the chain forks at id {r['id']}: two writers read the same last hash"
@@ -274,7 +294,14 @@ with tempfile.TemporaryDirectory() as tmp:
         raise AssertionError("a parent that does not exist was accepted")
     except sqlite3.DatabaseError:
         pass
-    assert not again.in_transaction
+    probe = sqlite3.connect(path, timeout=0)      # no waiting: a transaction left open holds the lock
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+    except sqlite3.OperationalError:
+        raise AssertionError("the failed append left its transaction open: every other writer is locked out") from None
+    finally:
+        probe.close()
     # "parent" is optional: an event without it is stored with parent NULL (None), not 0
     orphan = {k: v for k, v in _ev(2).items() if k != "parent"}
     stored = append_event(again, orphan)

@@ -1,7 +1,7 @@
 """The grading round trip, for every lesson.
 
 * One class goes through the real pipeline, ``grade_folder`` (what ``brewslm grade`` runs: nbgrader
-  in a sandbox, then the fresh-kernel re-check), two submissions at a time. Per lesson it holds the
+  in a sandbox, then the trusted judge), two submissions at a time. Per lesson it holds the
   solution, the blank release and one known mistake. The solution gets full marks, and its
   autograded copy holds no error: grading it is the proof that the lesson runs top to bottom,
   headless, at ci budget. The blank release gets zero. The mistake loses exactly the points of the

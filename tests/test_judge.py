@@ -151,6 +151,33 @@ def grad_of(model, loss_fn):
     model.zero_grad()
     loss_fn(model).backward()
     return model.weight.grad
+
+def open_db(path):
+    import sqlite3
+    class Lying(sqlite3.Connection):  # the student's own class: never crosses
+        def execute(self, *a, **k):
+            return super().execute(*a, **k)
+    c = sqlite3.connect(path, isolation_level=None, timeout=7, factory=Lying)
+    c.row_factory = sqlite3.Row
+    c.execute("PRAGMA foreign_keys=ON")
+    c.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+    c.fake = "a connection that says anything"
+    return c
+
+def insert(c, x):
+    c.execute("INSERT INTO t VALUES (?)", (x,))
+    c.seen = getattr(c, "seen", 0) + 1  # the same connection object across calls
+    return c.seen
+
+def leave_open(c):
+    c.execute("BEGIN IMMEDIATE")
+
+def count_rows(c):
+    return c.execute("SELECT COUNT(*) FROM t").fetchone()[0]
+
+def memory_db():
+    import sqlite3
+    return sqlite3.connect(":memory:")
 '''
 TESTS = {
     "t_values": "assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0))\n"
@@ -207,6 +234,27 @@ TESTS = {
     "t_module_kept": "m, m2 = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)\n"
                      "assert count_calls(m) == 1 and count_calls(m) == 2 and count_calls(m2) == 1\n"
                      "assert count_calls(m) == 3, 'the same object across calls, as in a notebook'",
+    "t_sqlite": "import os, sqlite3, tempfile\np = os.path.join(tempfile.mkdtemp(), 'db.sqlite')\n"
+                "c = open_db(p)\nassert type(c).__name__ == 'MirrorConnection' and not hasattr(c, 'fake')\n"
+                "assert c.execute('PRAGMA busy_timeout').fetchone()[0] == 7000\n"
+                "assert c.execute('PRAGMA foreign_keys').fetchone()[0] == 1\n"
+                "assert insert(c, 1) == 1 and insert(c, 2) == 2, 'the worker uses its own connection'\n"
+                "assert [r['x'] for r in c.execute('SELECT x FROM t')] == [1, 2], 'read from the file'\n"
+                "mine = sqlite3.connect(p, isolation_level=None)\nmine.execute('INSERT INTO t VALUES (3)')\n"
+                "assert count_rows(mine) == 3 and count_rows(c) == 3\n"
+                "mem = sqlite3.connect(':memory:')\n"
+                "mem.executescript('CREATE TABLE t (x); INSERT INTO t VALUES (1);')\n"
+                "assert count_rows(mem) == 1\n"
+                "assert type(memory_db()).__name__ == 'Opaque', 'an in-memory database cannot be shared'\n"
+                "leave_open(c)\nprobe = sqlite3.connect(p, timeout=0)\n"
+                "try:\n    probe.execute('BEGIN IMMEDIATE')\nexcept sqlite3.OperationalError:\n    pass\n"
+                "else:\n    raise AssertionError('the worker holds the write lock')",
+    "t_sqlite_threads": "import os, sqlite3, tempfile, threading\n"
+                        "p = os.path.join(tempfile.mkdtemp(), 'db.sqlite')\nopen_db(p)\n"
+                        "def w(i):\n    c = open_db(p)\n    for k in range(5):\n        insert(c, i)\n"
+                        "ts = [threading.Thread(target=w, args=(i,)) for i in range(3)]\n"
+                        "[t.start() for t in ts]\n[t.join() for t in ts]\n"
+                        "assert sqlite3.connect(p).execute('SELECT COUNT(*) FROM t').fetchone()[0] == 15",
     "t_patcher": "patcher()\nassert not torch.allclose(torch.zeros(1), torch.ones(1))\n"
                  "assert not math.isclose(0.0, 1.0)",
     "t_forever": "forever()",
@@ -218,7 +266,7 @@ EXPECT = {"t_values": True, "t_grad": True, "t_callback": True, "t_callback_asse
           "t_liar": False, "t_hidden_in_block": False, "t_visible_in_block": False,
           "t_files": True, "t_loss_callback": True, "t_patcher": True,
           "t_module_inplace": True, "t_module_grad": True, "t_module_config": True,
-          "t_module_kept": True,
+          "t_module_kept": True, "t_sqlite": True, "t_sqlite_threads": True,
           "t_forever": False, "t_after_forever": False}
 
 
@@ -230,7 +278,7 @@ def verdicts(tmp_path_factory):
            "OMP_NUM_THREADS": "1"}
     names = ["double", "pair", "apply", "draw", "is_setup", "run_model", "boom", "liar",
              "patcher", "forever", "as_array", "grad_of", "write_file", "shrink", "accumulate",
-             "set_size", "count_calls"]
+             "set_size", "count_calls", "open_db", "insert", "leave_open", "count_rows", "memory_db"]
     job = {"token": "t", "params": "BUDGET = 'ci'", "setup": SETUP, "exercises": [STUDENT],
            "functions": names, "values": [], "cell_timeout": 15, "ready_timeout": 120,
            "tests": [{"id": k, "source": textwrap.dedent(v)} for k, v in TESTS.items()],
