@@ -1075,36 +1075,33 @@ class RemoteFunction:
         return value
 
     def _call(self, args, kwargs, grad: bool):
-        with self.conn.lock:
-            return self._call_locked(args, kwargs, grad)
+        with self.conn.lock:  # a test may call from several threads: one call at a time
+            conn = self.conn
+            conn.calls += 1
+            payloads: dict = {}
+            buf = io.BytesIO()
+            _JudgePickler(buf, conn, payloads).dump((args, kwargs))
+            for key in payloads:  # the worker reports these after the call; until then, unknown
+                if key in conn.modules:
+                    conn.fingerprints.pop(key, None)
+            payloads = {k: v for k, v in payloads.items() if v is not None}
+            blobs = [buf.getvalue(), pickle.dumps(payloads)]
+            value, reply, rblobs = conn.request({"op": "call", "name": self.name, "grad": grad,
+                                                 "call": conn.calls}, blobs)
+            gens = reply.get("gens") or {}
+            if isinstance(gens, dict):
+                import torch
 
-    def _call_locked(self, args, kwargs, grad: bool):
-        conn = self.conn
-        conn.calls += 1
-        payloads: dict = {}
-        buf = io.BytesIO()
-        _JudgePickler(buf, conn, payloads).dump((args, kwargs))
-        for key in payloads:  # the worker reports these after the call; until then, unknown
-            if key in conn.modules:
-                conn.fingerprints.pop(key, None)
-        payloads = {k: v for k, v in payloads.items() if v is not None}
-        blobs = [buf.getvalue(), pickle.dumps(payloads)]
-        value, reply, rblobs = conn.request({"op": "call", "name": self.name, "grad": grad,
-                                             "call": conn.calls}, blobs)
-        gens = reply.get("gens") or {}
-        if isinstance(gens, dict):
-            import torch
-
-            for n, tree in gens.items():
-                g = conn.table.get(int(n)) if str(n).isdigit() else None
-                if isinstance(g, torch.Generator):
-                    state = decode(tree, rblobs)
-                    if isinstance(state, torch.Tensor) and state.dtype == torch.uint8:
-                        try:
-                            g.set_state(state)
-                        except RuntimeError:
-                            pass
-        return value, reply, conn.calls
+                for n, tree in gens.items():
+                    g = conn.table.get(int(n)) if str(n).isdigit() else None
+                    if isinstance(g, torch.Generator):
+                        state = decode(tree, rblobs)
+                        if isinstance(state, torch.Tensor) and state.dtype == torch.uint8:
+                            try:
+                                g.set_state(state)
+                            except RuntimeError:
+                                pass
+            return value, reply, conn.calls
 
 
 def _bridge(remote: RemoteFunction, args, kwargs):

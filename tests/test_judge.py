@@ -154,10 +154,10 @@ def grad_of(model, loss_fn):
 
 def open_db(path):
     import sqlite3
-    class Lying(sqlite3.Connection):  # the student's own class: never crosses
+    class StudentConnection(sqlite3.Connection):  # the student's own class: never crosses
         def execute(self, *a, **k):
             return super().execute(*a, **k)
-    c = sqlite3.connect(path, isolation_level=None, timeout=7, factory=Lying)
+    c = sqlite3.connect(path, isolation_level=None, timeout=7, factory=StudentConnection)
     c.row_factory = sqlite3.Row
     c.execute("PRAGMA foreign_keys=ON")
     c.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
