@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/brewslm doctor
 	touch $@
 
-demo: setup        ## the main job: run every solution at ci budget, grade the sample class
+demo: setup        ## the main job: execute and grade the sample class of every lesson at ci budget
 	$(BIN)/brewslm demo
 
 test: setup        ## the test suite (what .ci/run calls)

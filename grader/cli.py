@@ -154,20 +154,21 @@ def cmd_mistakes(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job: execute every solution at ``ci`` budget, then grade the sample class."""
+    """The main job: grade the sample class of every lesson at ``ci`` budget.
+
+    Grading starts with the environment check, which executes each lesson's solution headless in
+    the sandbox and grades it (the first sample student's notebook is that solution, so it is not
+    run twice); then the blank and the mistaken notebooks. Exit 0 only when every lesson's
+    solution gets full marks here and each sample student gets the marks they should."""
     from .grade import grade_folder, summary_table
-    from .run import run_lessons
-    from .sample import SAMPLE_STUDENTS, write_sample_class
+    from .sample import SAMPLE_STUDENTS, expected_scores, write_sample_class
 
     lessons = select_lessons(args.lessons)
     start = time.perf_counter()
     from . import doctor
 
     doctor.require()
-    print(f"== 1/2 executing {len(lessons)} solution notebook(s) headless at budget 'ci'")
-    rows = run_lessons(lessons, "ci")
-    print_run_table(rows)
-    print("\n== 2/2 grading the sample class:")
+    print(f"grading the sample class of {len(lessons)} lesson(s) at budget 'ci':")
     for name, what in SAMPLE_STUDENTS.items():
         print(f"  {name:<6} {what}")
     work = cache_dir() / "demo"
@@ -175,8 +176,16 @@ def cmd_demo(args) -> int:
     # two at a time where there are two cores (each submission's judge runs beside its autograde)
     results = grade_folder(sample, work / "grades", budget="ci", jobs=min(2, os.cpu_count() or 1))
     print("\n" + summary_table(results))
-    print(f"\ngradebook: {work / 'grades' / 'gradebook.csv'}  (total {time.perf_counter() - start:.0f} s)")
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    wrong = []
+    for r in results:
+        want = expected_scores(r.lesson)[r.student]
+        if r.status != "graded" or abs(r.score - want) > 1e-9:
+            wrong.append(f"{r.student} {r.lesson}: {r.status}, {r.score:g}/{r.max_score:g} "
+                         f"(should be {want:g})")
+    print("\n" + ("every sample student got the marks they should" if not wrong else
+                  "NOT AS EXPECTED:\n  " + "\n  ".join(wrong)))
+    print(f"gradebook: {work / 'grades' / 'gradebook.csv'}  (total {time.perf_counter() - start:.0f} s)")
+    return 1 if wrong else 0
 
 
 def cmd_bench(args) -> int:
@@ -254,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decide each verdict in the trusted judge, as grading does (slower)")
     s.set_defaults(func=cmd_mistakes)
 
-    s = sub.add_parser("demo", help="the main job: run every lesson at ci budget, grade a sample class")
+    s = sub.add_parser("demo", help="the main job: execute and grade a sample class of every lesson "
+                                    "at ci budget")
     s.add_argument("lessons", nargs="*")
     s.set_defaults(func=cmd_demo)
 

@@ -215,6 +215,7 @@ class LessonCheck:
     problem: str = ""           # "" when the solution gets full marks here
     outcome: object = None      # its grading Outcome (None when it could not be graded)
     graded_notebook: Path | None = None  # the executed copy, for feedback
+    kept: bool = False          # the verdict of an earlier run on this machine and set-up
 
 
 def check_lessons(course: Course, lessons: list[Lesson], jobs: int = 1, progress=print,
@@ -244,6 +245,7 @@ def check_lessons(course: Course, lessons: list[Lesson], jobs: int = 1, progress
             if saved["key"] == key and nb.is_file():
                 check.outcome = _outcome_from_json(saved["outcome"])
                 check.graded_notebook = nb
+                check.kept = True
                 continue
         except (OSError, ValueError, TypeError, KeyError):
             pass
@@ -251,6 +253,9 @@ def check_lessons(course: Course, lessons: list[Lesson], jobs: int = 1, progress
     if todo:
         progress(f"checking the course environment: grading the solution of "
                  f"{', '.join(c.lesson.slug for c, *_ in todo)} (once per machine and set-up)")
+    if len(todo) < len(checks):
+        progress(f"solutions already checked on this machine and set-up: "
+                 f"{', '.join(sorted(set(checks) - {c.lesson.slug for c, *_ in todo}))}")
 
     def run(item):
         check, data, key, memo, nb = item
@@ -268,23 +273,40 @@ def check_lessons(course: Course, lessons: list[Lesson], jobs: int = 1, progress
             check.graded_notebook = nb
         elif graded.is_file():
             check.graded_notebook = graded
+        check.problem = _check_problem(outcome, setup_problem)
+        progress(check_line(check))  # as each finishes: a lesson's check can take minutes
         return check
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(run, todo))
     for check in checks.values():
-        o = check.outcome
-        if o.reason:
-            check.problem = o.reason
-        elif not o.cells or any(s != m for s, m in o.cells.values()):
-            lost = [g for g, (s, m) in sorted(o.cells.items()) if s != m]
-            why = "; ".join(f"{g}: {o.failures.get(g, 'fails')}" for g in lost)
-            got = sum(s for s, _ in o.cells.values())
-            check.problem = (f"it scores {got:g}/{sum(m for _, m in o.cells.values()):g} here, "
-                             f"{why}"[:300])
-        if check.problem and setup_problem:
-            check.problem += f"; {setup_problem}"
+        if check.kept:
+            check.problem = _check_problem(check.outcome, setup_problem)
     return checks
+
+
+def _check_problem(o, setup_problem: str) -> str:
+    """Why a lesson's solution, graded here with outcome ``o``, shows this environment cannot
+    grade the lesson ("" when it got full marks)."""
+    problem = ""
+    if o.reason:
+        problem = o.reason
+    elif not o.cells or any(s != m for s, m in o.cells.values()):
+        lost = [g for g, (s, m) in sorted(o.cells.items()) if s != m]
+        why = "; ".join(f"{g}: {o.failures.get(g, 'fails')}" for g in lost)
+        got = sum(s for s, _ in o.cells.values())
+        problem = f"it scores {got:g}/{sum(m for _, m in o.cells.values()):g} here, {why}"[:300]
+    if problem and setup_problem:
+        problem += f"; {setup_problem}"
+    return problem
+
+
+def check_line(check: LessonCheck) -> str:
+    """One line on a lesson's environment check: its verdict and where its time went."""
+    o = check.outcome
+    where = ", ".join(f"{k} {v:.0f} s" for k, v in (o.phases or {}).items())
+    verdict = f"NOT GRADED: {check.problem}" if check.problem else "full marks"
+    return f"  {check.lesson.slug:<26} {verdict}  ({o.seconds:.0f} s: {where})"
 
 
 def _check_folder() -> Path:
@@ -389,6 +411,7 @@ def grade_folder(submissions: Path, out_dir: Path, budget: str = "ci", feedback:
                 outcome = check.outcome
                 graded = check.graded_notebook.read_bytes() if check.graded_notebook else None
                 course.adopt(sub.student, sub.lesson, data, graded, outcome)
+                start = None
             else:
                 outcome = course.grade_private(sub.student, sub.lesson, data)
             course.last_outcome[(sub.student, sub.lesson.slug)] = outcome
@@ -410,7 +433,7 @@ def grade_folder(submissions: Path, out_dir: Path, budget: str = "ci", feedback:
         except Exception as e:  # a bug of ours must not stop the class: report it on the row
             result.status, result.score = "not graded", 0.0
             result.reason = f"grader error ({type(e).__name__}: {str(e)[:200]})"
-        return item, result, time.perf_counter() - start
+        return item, result, None if start is None else time.perf_counter() - start
 
     # identical files (copies) are graded once: grading depends only on the bytes and the lesson
     groups: dict[tuple[str, str], list] = {}
@@ -440,8 +463,9 @@ def grade_folder(submissions: Path, out_dir: Path, budget: str = "ci", feedback:
                 done += 1
                 graded.append((one, sha, fp, res))
                 same = f" (same file as {sub.student})" if one is not sub else ""
+                took = "the environment check's grading" if seconds is None else f"{seconds:.0f} s"
                 line = (f"[{done}/{len(todo)}] {one.student:<16} {one.lesson.slug:<24} "
-                        f"{res.score:g}/{res.max_score:g}  {res.reason} ({seconds:.0f} s"
+                        f"{res.score:g}/{res.max_score:g}  {res.reason} ({took}"
                         f"{': ' + where if where and one is sub else ''}){same}")
                 if bar is not None:
                     bar.update(1)

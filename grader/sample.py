@@ -5,14 +5,24 @@ from pathlib import Path
 
 import nbformat
 
-from .lessons import Lesson
-from .notebooks import make_submission, mistake_submission
+from .lessons import Lesson, find_lesson
+from .notebooks import make_submission, mistake_submission, read_notebook, test_cells
 
 SAMPLE_STUDENTS = {
     "ada": "completes every exercise correctly",
     "blake": "submits the release notebook untouched",
     "casey": "makes one realistic mistake per lesson (the first listed in grader/mistakes/)",
 }
+
+
+def expected_scores(slug: str) -> dict[str, float]:
+    """The marks each sample student should get in lesson ``slug``: all, none, and all but the
+    points of the test cells the first known mistake loses."""
+    lesson = find_lesson(slug)
+    points = test_cells(read_notebook(lesson.solution))
+    lost = set(lesson.mistakes[0]["loses"]) if lesson.mistakes else set()
+    return {"ada": sum(points.values()), "blake": 0.0,
+            "casey": sum(p for g, p in points.items() if g not in lost)}
 
 
 def write_sample_class(lessons: list[Lesson], folder: Path) -> Path:
