@@ -203,6 +203,9 @@ assert _fp["bytes"]["bf16"] == _bf16.get_memory_footprint(return_buffers=False),
 assert _fp["bytes"]["fp16"] == _fp["bytes"]["bf16"]
 assert _fp["bytes"]["int8"] == _fp["params"]
 assert _fp["bytes"]["int4"] * 2 == _fp["bytes"]["int8"]
+# sub-byte types round UP to whole bytes: 5 int4 values are 2.5 bytes, so they need 3 (not 2)
+_odd = footprint(torch.nn.Linear(5, 1, bias=False))["bytes"]["int4"]
+assert _odd == 3, f"5 int4 parameters take 2.5 bytes, rounded up to 3; got {_odd} (use math.ceil, not // or round)"
 # untying adds exactly one vocab x hidden matrix
 _untied = _fp_tiny(tie=False)
 assert footprint(_untied)["params"] - _fp["params"] == 128 * 32
@@ -222,6 +225,9 @@ assert _fu["bytes"]["fp32"] == _untied.get_memory_footprint(return_buffers=False
 # any nn.Module, and int4 rounds up to whole bytes (3 params -> 1.5 -> 2 bytes)
 _lin = torch.nn.Linear(3, 1, bias=False)
 assert footprint(_lin) == {"params": 3, "bytes": {"fp32": 12, "fp16": 6, "bf16": 6, "int8": 3, "int4": 2}}, footprint(_lin)
+# one int4 parameter still needs a whole byte; 7 need 4 (3.5 rounded up)
+assert footprint(torch.nn.Linear(1, 1, bias=False))["bytes"]["int4"] == 1
+assert footprint(torch.nn.Linear(7, 1, bias=False))["bytes"]["int4"] == 4
 # a module that shares one Linear twice counts it once
 _shared = torch.nn.Linear(4, 4)
 assert footprint(torch.nn.Sequential(_shared, torch.nn.ReLU(), _shared))["params"] == 20

@@ -456,7 +456,9 @@ print(distill.__doc__.split("Labels follow")[0])
 #   writer;
 # - is **all-or-nothing**: validate every record first, then write a temporary file beside the target
 #   and `os.replace` it into place (atomic on POSIX). A crash or an invalid record must never leave a
-#   half-written capture where lesson 3 will look for one.
+#   half-written capture where lesson 3 will look for one. Validation cannot foresee everything (a value
+#   `json` cannot encode only fails while it is being written), so whatever fails, the old file stays
+#   byte for byte as it was, and no temporary file is left behind.
 #
 # **The reader** (`read_capture`) validates instead of trusting:
 # - every line has every schema key; `topk_ids`, `topk_logprobs` and `covered_mass` have one entry per
@@ -478,9 +480,10 @@ def write_capture(path, records: list[dict]) -> int:
         input_ids [T] ints, k int, topk_ids [T, k] ints, topk_logprobs [T, k] floats,
         covered_mass [T] floats; id, tokenizer_fingerprint and teacher are strings.
     Writes exactly the CAPTURE_KEYS; ids as ints, floats at full precision (read back and cast to
-    float32, they equal the input exactly: no rounding). A record that lacks a key raises ValueError
-    and leaves any existing file at `path` untouched: validate first, then write a temporary file
-    and os.replace it into place.
+    float32, they equal the input exactly: no rounding). A record that lacks a key raises ValueError;
+    a value json cannot encode (a set, say) raises json's own error. Either way any existing file at
+    `path` is left byte for byte as it was and no temporary file is left in its folder: validate
+    first, then write a temporary file and os.replace it into place (remove it if anything fails).
     Returns the size of the written file in bytes.
     '''
     ### BEGIN SOLUTION
@@ -531,6 +534,20 @@ with tempfile.TemporaryDirectory() as tmp:
         assert err <= 1e-6, f"log-probs must survive the round trip: max error {err:.2g}"
         err = np.abs(np.array(row["covered_mass"], dtype=np.float32) - rec["covered_mass"].numpy()).max()
         assert err <= 1e-6, f"covered_mass must survive the round trip: max error {err:.2g}"
+    # all-or-nothing: the third record holds a set, which passes the key check but not json.dumps
+    before = path.read_bytes()
+    unencodable = fake_record(2)
+    unencodable["teacher"] = {"toy"}
+    try:
+        write_capture(path, [fake_record(3), fake_record(4), unencodable])
+    except Exception:
+        pass
+    else:
+        raise AssertionError("a set is not JSON: write_capture must raise")
+    assert path.read_bytes() == before, \
+        "a failed write must leave the existing file byte for byte as it was: write a temporary file, then os.replace it"
+    left = sorted(p.name for p in Path(tmp).iterdir())
+    assert left == ["capture.jsonl"], f"a failed write must not leave a temporary file behind; the folder holds {left}"
 print("write_capture: visible tests passed")
 ### BEGIN HIDDEN TESTS
 with tempfile.TemporaryDirectory() as tmp:
@@ -636,10 +653,30 @@ with tempfile.TemporaryDirectory() as tmp:
     msg = read_error(path, expected_fingerprint=OTHER_FP)
     assert msg is not None, "a capture made with another tokenizer must be refused"
     assert "fingerprint" in msg.lower(), f"say that the fingerprint differs: {msg}"
-    short = capture_line(1, T=6)
-    short["topk_logprobs"] = short["topk_logprobs"][:-1]
-    write_lines(path, [capture_line(0), short])
-    assert read_error(path) is not None, "topk_logprobs with T-1 positions must be refused"
+    # each per-position field on its own: one entry per input token (T = len(input_ids) = 6 here)
+    for field in ("topk_ids", "topk_logprobs", "covered_mass"):
+        for label, change in (("T-1", lambda v: v[:-1]), ("T+1", lambda v: v + v[:1])):
+            bad = capture_line(1, T=6)
+            bad[field] = change(bad[field])
+            write_lines(path, [capture_line(0), bad])
+            assert read_error(path) is not None, f"{field} with {label} positions (the others right) must be refused"
+    # all three agree with each other, but not with input_ids
+    bad = capture_line(1, T=6)
+    bad["input_ids"] = bad["input_ids"] + [99]
+    write_lines(path, [capture_line(0), bad])
+    assert read_error(path) is not None, "topk_ids, topk_logprobs and covered_mass must each have len(input_ids) entries"
+    # each row of topk_ids and of topk_logprobs on its own: exactly k entries
+    for field in ("topk_ids", "topk_logprobs"):
+        for label, change in (("k-1", lambda v: v[:-1]), ("k+1", lambda v: v + v[:1])):
+            bad = capture_line(1, T=6)
+            bad[field][2] = change(bad[field][2])
+            write_lines(path, [capture_line(0), bad])
+            assert read_error(path) is not None, f"a row of {field} with {label} entries (the rest right) must be refused"
+    # rows that agree with each other, but not with the record's k
+    bad = capture_line(1, T=6)
+    bad["topk_ids"], bad["topk_logprobs"] = [r[:-1] for r in bad["topk_ids"]], [r[:-1] for r in bad["topk_logprobs"]]
+    write_lines(path, [bad])
+    assert read_error(path) is not None, "rows of k-1 entries in a record that says k must be refused"
 print("read_capture: visible tests passed")
 ### BEGIN HIDDEN TESTS
 with tempfile.TemporaryDirectory() as tmp:

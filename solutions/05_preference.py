@@ -155,7 +155,7 @@ def sequence_logprob(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.
     scored (nothing predicts the first token).
     Returns (N,) float: for each row, the sum over t >= 1 with mask[:, t] of
     log_softmax(logits[:, t - 1])[input_ids[:, t]] (nats); with average=True, that sum divided by the
-    number of scored tokens (0 for a row with none).
+    number of scored tokens, the t >= 1 with mask[:, t] (0 for a row with none).
     """
     ### BEGIN SOLUTION
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -193,6 +193,14 @@ for average in (False, True):
     assert tuple(got.shape) == (3,), f"expected shape (3,), got {tuple(got.shape)}"
     want = reference_logprob(logits, ids, mask, average)
     assert torch.allclose(got.double(), want, atol=1e-5), f"average={average}: got {got}, expected {want}"
+# mask[:, 0] is never scored (nothing predicts the first token): it counts in neither the sum nor the mean
+mask0 = mask.clone()
+mask0[:, 0] = 1
+for average in (False, True):
+    got = sequence_logprob(logits, ids, mask0, average=average)
+    want = reference_logprob(logits, ids, mask, average)
+    assert torch.allclose(got.double(), want, atol=1e-5), \
+        f"mask[:, 0] = 1, average={average}: got {got}, expected {want} (count only the scored tokens, t >= 1)"
 # TRL's own response log-probability (labels -100 outside the reply), on the real model's logits
 for average in (False, True):
     got = sequence_logprob(CHECK_LOGITS, CHECK_BATCH["input_ids"], CHECK_BATCH["completion_mask"], average=average)
@@ -206,10 +214,7 @@ unused[:, :-1] = mask[:, 1:] == 0
 changed = logits.clone()
 changed[unused] += 50 * torch.randn(int(unused.sum()), 13)
 assert torch.allclose(sequence_logprob(changed, ids, mask), sequence_logprob(logits, ids, mask), atol=1e-5)
-# mask[:, 0] is never scored; a bool mask works; a row with nothing to score is 0
-mask0 = mask.clone()
-mask0[:, 0] = 1
-assert torch.allclose(sequence_logprob(logits, ids, mask0), sequence_logprob(logits, ids, mask), atol=1e-6)
+# a bool mask works; a row with nothing to score is 0
 assert torch.allclose(sequence_logprob(logits, ids, mask.bool()), reference_logprob(logits, ids, mask, False).float(), atol=1e-5)
 empty = torch.zeros_like(mask)
 for average in (False, True):
@@ -368,7 +373,9 @@ assert abs(l64.item() - np.log1p(np.exp(-margins[0]))) < 1e-9 and c64.shape == (
 # $$\mathcal{L}_{\text{ORPO}} = \mathcal{L}_{\text{SFT}} + \lambda \cdot \underbrace{\text{mean}_{\text{pairs}}\Big[-\log\sigma\big(\log\text{odds}(y_w|x) - \log\text{odds}(y_l|x)\big)\Big]}_{\mathcal{L}_{\text{OR}}}$$
 #
 # and $\log\text{odds} = \log P - \log(1 - P)$. Compute $\log(1-P)$ as `torch.log(-torch.expm1(log_p))`. It
-# stays accurate when $P$ is close to 1, where `1 - exp(log_p)` loses every digit.
+# stays accurate when $P$ is close to 1, where `1 - exp(log_p)` loses every digit: in float32, `exp(-1e-7)`
+# is rounded to a neighbour of 1 before anything is subtracted, so `torch.log1p(-torch.exp(log_p))` (the
+# form TRL uses) is no better there. The test checks near-certain replies against float64.
 #
 # **The SFT term, as TRL computes it.** $\mathcal{L}_{\text{SFT}}$ is the mean negative log-likelihood
 # per token of the **chosen** rows. TRL's `ORPOTrainer` counts every real token (`attention_mask`), the
@@ -389,7 +396,9 @@ def orpo_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: tor
     Returns (loss, log_odds_ratio): loss = SFT + lam * OR (a scalar), where SFT is the mean per-token
     NLL of the chosen rows over every real token after the first (attention_mask, shifted), and OR is
     the pairs' mean of -log sigmoid(log_odds_ratio); log_odds_ratio is (B,), log odds(chosen) -
-    log odds(rejected), each from the reply's mean per-token log-probability (completion_mask).
+    log odds(rejected), each from the reply's mean per-token log-probability log P (over the t >= 1
+    with completion_mask[:, t]; position 0 is never scored), with log(1 - P) = log(-expm1(log P)),
+    accurate (float32) even for a near-certain reply, log P close to 0.
     """
     ### BEGIN SOLUTION
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -432,6 +441,36 @@ want_loss, want_ratio = reference_orpo(logits, ids, attention, completion, 0.3)
 assert loss.dim() == 0 and tuple(ratio.shape) == (2,), f"shapes: loss {tuple(loss.shape)}, log-odds ratio {tuple(ratio.shape)}"
 assert torch.allclose(ratio.double(), want_ratio, atol=1e-5), f"log-odds ratio {ratio}, expected {want_ratio}"
 assert abs(loss.item() - want_loss.item()) < 1e-5, f"loss {loss.item():.6f}, expected {want_loss.item():.6f}"
+# completion_mask[:, 0] is never scored: it counts in neither the reply's sum nor its length
+completion0 = completion.clone()
+completion0[:, 0] = 1
+ratio0 = orpo_loss(logits, ids, attention, completion0, lam=0.3)[1]
+assert torch.allclose(ratio0.double(), want_ratio, atol=1e-5), \
+    f"completion_mask[:, 0] = 1: log-odds ratio {ratio0}, expected {want_ratio} (count only the scored tokens, t >= 1)"
+
+
+def near_certain_batch(odds):
+    """Replies the model is all but sure of: a 2-token vocabulary where, at reply position j of row i,
+    the wrong token has odds odds[i][j] * 2**-23 against the right one (0: about e**-60)."""
+    T = 1 + max(len(row) for row in odds)
+    lg = torch.zeros(len(odds), T, 2)
+    lg[:, :, 1] = -60.0
+    reply = torch.zeros(len(odds), T, dtype=torch.long)
+    for i, row in enumerate(odds):
+        reply[i, 1:1 + len(row)] = 1
+        for t, k in enumerate(row, start=1):
+            if k:
+                lg[i, t - 1, 1] = float(np.log(k * 2.0 ** -23))
+    return lg, torch.zeros(len(odds), T, dtype=torch.long), torch.ones(len(odds), T, dtype=torch.long), reply
+
+
+# mean log-probs from -2.4e-8 to -7.9e-5 (float32 logits): chosen rows first, then rejected
+near = near_certain_batch([[1, 0, 0, 0, 0], [1, 0, 0], [100, 0, 0, 0], [839, 0, 0], [17, 0], [1000, 1000, 0]])
+near_ratio = orpo_loss(*near, lam=0.3)[1]
+want_near = reference_orpo(*near, 0.3)[1]
+assert torch.isfinite(near_ratio).all() and torch.allclose(near_ratio.double(), want_near, atol=1e-4), (
+    f"near-certain replies: log-odds ratio {near_ratio}, expected {want_near} (float64); "
+    "compute log(1 - P) as torch.log(-torch.expm1(log_p)), not from exp(log_p)")
 # TRL's ORPOTrainer on the same batch and model: the real SmolLM2 on the fixed check batch
 trainer = preference.trl_orpo_trainer(preference.tiny_models(tok, seeds=(1,))[0], tok, CHECK_ROWS, lam=0.2)
 trl = preference.trl_orpo_loss(trainer, CHECK_BATCH, model=model)
