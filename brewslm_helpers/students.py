@@ -243,3 +243,135 @@ def load_or_train_students(budget: str, teacher=None, tokenizer=None, folder: Pa
     trained, meta = train_students(teacher, tokenizer, budget, **overrides)
     save_students(trained, tokenizer, meta, folder)
     return Students(trained, meta, "trained", folder, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 14's experiment (lessons 3-4 will move to it; drafts/kd_few_labels.py runs it today): a few
+# hand labels against KD on the whole capture, same init, steps and batches.
+#
+# * ``ce_few``: cross-entropy on ``n`` hand-labelled texts only;
+# * ``kd``: every capture text; where a human label is in play, ``kd_loss(..., alpha, T)`` (alpha *
+#   CE + (1 - alpha) * T^2 * KL); at label-free positions, ``kd_loss(..., 0.0, T)`` (the KL only);
+# * ``ce_all``: cross-entropy on every label (the control: with plenty of labels KD is not needed).
+#
+# Which positions (``positions``):
+# * ``"answer"``: the one position whose next token is the label word (" positive"/" negative" after
+#   the fixed reply prefix "This review is"). Its context holds no label, so the teacher's top-k there
+#   is a soft label for a text nobody labelled;
+# * ``"reply"``: a labelled text's whole reply; an unlabelled text's reply up to the answer position
+#   (after it, the capture's own reply, written with the true label, is in the context: a leak).
+ARMS = ("ce_few", "kd", "ce_all")
+REPLY_PREFIX = "This review is"
+
+
+def few_label_ids(rows: list[dict], n: int, seed: int) -> set[int]:
+    """Indices of ``n`` hand-labelled ``rows`` (half of each label, the odd one negative), drawn
+    with ``seed``."""
+    import random
+
+    rng = random.Random(seed)
+    pos = [i for i, r in enumerate(rows) if r["label"] == "positive"]
+    neg = [i for i, r in enumerate(rows) if r["label"] == "negative"]
+    if n // 2 > len(pos) or n - n // 2 > len(neg):
+        raise ValueError(f"{n} balanced labels need {n // 2} positive and {n - n // 2} negative rows; "
+                         f"there are {len(pos)} and {len(neg)}")
+    rng.shuffle(pos)
+    rng.shuffle(neg)
+    return set(pos[:n // 2] + neg[:n - n // 2])
+
+
+def answer_position(tokenizer, row: dict, sequence: list[int]) -> int:
+    """The index ``t`` of ``sequence`` (``row``'s ``distill.kd_token_ids``) whose logits predict the
+    label word: the last token of the reply prefix "This review is"."""
+    prefix = len(tokenizer(REPLY_PREFIX, add_special_tokens=False)["input_ids"])
+    return reply_start(tokenizer, row, sequence) + prefix - 1
+
+
+def arm_batches(records: list[dict], rows: list[dict], tokenizer, arm: str, labelled: set[int],
+                steps: int, batch_size: int, seed: int, positions: str = "answer") -> list[dict]:
+    """``steps`` batches of ``arm`` over capture ``records`` (lesson 2's schema; ``rows[i]`` is the
+    review of ``records[i]``), in an order drawn with ``seed``.
+
+    ``ce_few`` draws from the ``labelled`` indices only, the other arms from every record; ``ce_all``
+    treats every record as labelled. Each batch is ``distill.collate_capture``'s plus two [B, L] bool
+    masks: ``hard``, positions with a human label (CE, and KD's alpha term), and ``soft``, label-free
+    positions (KD's KL only; empty for the CE arms).
+    """
+    import random
+
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}: use one of {ARMS}")
+    if positions not in ("answer", "reply"):
+        raise ValueError(f"positions must be 'answer' or 'reply', got {positions!r}")
+    if arm == "ce_all":
+        labelled = set(range(len(records)))
+    pool = sorted(labelled) if arm == "ce_few" else list(range(len(records)))
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        chunk = pool[:]
+        rng.shuffle(chunk)
+        order += chunk
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for s in range(steps):
+        idx = order[s * batch_size:(s + 1) * batch_size]
+        batch = distill.collate_capture([records[i] for i in idx], pad)
+        hard = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        soft = torch.zeros_like(hard)
+        for b, i in enumerate(idx):
+            seq = records[i]["input_ids"]
+            ans = answer_position(tokenizer, rows[i], seq)
+            if i in labelled:
+                if positions == "answer":
+                    hard[b, ans] = True
+                else:
+                    hard[b, reply_start(tokenizer, rows[i], seq) - 1:len(seq) - 1] = True
+            elif arm == "kd":
+                if positions == "answer":
+                    soft[b, ans] = True
+                else:
+                    soft[b, reply_start(tokenizer, rows[i], seq) - 1:ans + 1] = True
+        batch.update(hard=hard, soft=soft)
+        out.append(batch)
+    return out
+
+
+def arm_loss(model, batch: dict, arm: str, kd_loss, alpha: float, T: float) -> torch.Tensor:
+    """The loss of ``arm`` on one ``arm_batches`` batch, the mean over its hard and soft positions.
+
+    ``kd_loss(student_logits [1, N, V], topk_ids [1, N, k], topk_logprobs [1, N, k], labels [1, N],
+    alpha, T)`` is lesson 3's ``topk_kd_loss`` signature; at soft positions it is called with
+    ``alpha = 0`` (the labels there, the teacher's top-1, only mark the positions). The decoder runs
+    on every position; the output head only where there is a loss."""
+    keep = batch["hard"] | batch["soft"]
+    hidden = model.model(input_ids=batch["input_ids"],
+                         attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[keep]).float().unsqueeze(0)  # [1, N, V]
+    hard = batch["hard"][keep]
+    labels = batch["labels"][keep]
+    if arm != "kd":
+        return F.cross_entropy(logits[0, hard], labels[hard])
+    ids, lps = batch["topk_ids"][keep], batch["topk_logprobs"][keep]
+    total, n = logits.new_zeros(()), 0
+    for part, a, targets in ((hard, alpha, labels), (~hard, 0.0, ids[:, 0])):
+        if part.any():
+            m = int(part.sum())
+            total = total + m * kd_loss(logits[:, part], ids[part].unsqueeze(0), lps[part].unsqueeze(0),
+                                        targets[part].unsqueeze(0), a, T)
+            n += m
+    return total / max(n, 1)
+
+
+def train_arm(init_student, batches: list[dict], arm: str, kd_loss=None, alpha: float = 0.5,
+              T: float = 1.0, lr: float = 1e-3, seed: int = 0) -> tuple[torch.nn.Module, list[float]]:
+    """A copy of ``init_student`` trained on ``batches`` (``arm_batches``) with ``arm_loss``, one
+    AdamW step per batch (``training.train_loop``). Returns ``(model, loss history)``."""
+    import copy
+
+    if arm == "kd" and kd_loss is None:
+        raise ValueError("the kd arm needs kd_loss (lesson 3's topk_kd_loss signature)")
+    model = copy.deepcopy(init_student)
+    history = training.train_loop(model, batches, lambda m, b: arm_loss(m, b, arm, kd_loss, alpha, T),
+                                  steps=len(batches), lr=lr, desc=f"{arm} (seed {seed})", seed=seed)
+    return model, history

@@ -44,6 +44,20 @@ def test_reviews_are_balanced_disjoint_and_labelled():
         sentiment_answer("neutral")
 
 
+def test_novel_reviews_share_no_phrasing_with_train_or_gold():
+    from brewslm_helpers.data import make_datasets as md
+
+    novel = load_reviews("novel")
+    assert len(novel) == 80 and sum(r["label"] == "positive" for r in novel) == 40
+    seen = " ".join(r["text"] for r in load_reviews("gold") + load_reviews("train"))
+    for phrase in md.NOVEL_POSITIVE + md.NOVEL_NEGATIVE + md.NOVEL_POS_EXTRA + md.NOVEL_NEG_EXTRA:
+        assert phrase not in seen, phrase
+    for r in novel:  # every novel review uses novel phrasings only, with its label's polarity
+        pos, neg, pos_x, neg_x = md.PHRASES["novel"]
+        phrases, extras = (pos, pos_x) if r["label"] == "positive" else (neg, neg_x)
+        assert any(f" {p}. " in r["text"] for p in phrases) and r["text"].split(". ")[-1] in extras, r
+
+
 def test_collate_shifts_labels_and_masks_padding():
     batch = distill.collate([[5, 6, 7], [8, 9]], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]

@@ -104,3 +104,115 @@ def test_reply_logits_match_the_full_logits_at_labelled_positions(tiny_teacher, 
     assert logits.shape == (1, int(keep.sum()), tiny_teacher.config.vocab_size)
     assert torch.equal(labels[0], batch["labels"][keep])
     torch.testing.assert_close(logits[0], full[keep], rtol=1e-5, atol=1e-5)
+
+
+# --- issue 14's arms: a few labels against KD on the capture (students.arm_batches / train_arm) ----
+
+def _fake_capture(tok, rows, k=4, seed=0):
+    """Capture records in lesson 2's schema for ``rows``, with random top-k (ids and log-probs)."""
+    from brewslm_helpers import distill
+
+    g = torch.Generator().manual_seed(seed)
+    records = []
+    for seq in distill.kd_token_ids(tok, rows):
+        lp = torch.log_softmax(torch.randn(len(seq), k, generator=g), -1) - 0.1
+        ids = torch.randint(0, len(tok), (len(seq), k), generator=g)
+        records.append({"input_ids": seq, "k": k, "topk_ids": ids.tolist(), "topk_logprobs": lp.tolist()})
+    return records
+
+
+def _topk_kd(student_logits, topk_ids, topk_logprobs, labels, alpha, T):
+    mask = labels != -100
+    n = mask.sum().clamp_min(1)
+    ce = torch.nn.functional.cross_entropy(student_logits[0], labels[0], ignore_index=-100, reduction="sum") / n
+    log_p = torch.log_softmax(topk_logprobs / T, -1)
+    log_q = torch.log_softmax(student_logits / T, -1).gather(-1, topk_ids)
+    kl = ((log_p.exp() * (log_p - log_q)).sum(-1) * mask).sum() / n
+    return alpha * ce + (1 - alpha) * T ** 2 * kl
+
+
+@pytest.fixture(scope="module")
+def reviews():
+    from brewslm_helpers import data
+
+    return data.load_reviews("train", 12)
+
+
+def test_few_labels_are_balanced_seeded_and_checked(reviews):
+    few = students.few_label_ids(reviews, 4, seed=0)
+    assert len(few) == 4 and sum(reviews[i]["label"] == "positive" for i in few) == 2
+    assert few == students.few_label_ids(reviews, 4, seed=0) != students.few_label_ids(reviews, 4, seed=1)
+    with pytest.raises(ValueError, match="balanced"):
+        students.few_label_ids(reviews, 40, seed=0)
+
+
+def test_answer_position_predicts_the_label_word(reviews, tok):
+    from brewslm_helpers import distill
+
+    for row, seq in zip(reviews, distill.kd_token_ids(tok, reviews)):
+        t = students.answer_position(tok, row, seq)
+        assert tok.decode(seq[t + 1]).strip() == row["label"]
+        assert tok.decode(seq[:t + 1]).endswith("This review is")
+
+
+@pytest.mark.parametrize("positions", ["answer", "reply"])
+def test_arm_batches_put_labels_only_where_a_human_gave_one(reviews, tok, positions):
+    records = _fake_capture(tok, reviews)
+    few = students.few_label_ids(reviews, 4, seed=0)
+    id_of = {tuple(r["input_ids"]): i for i, r in enumerate(records)}
+    for arm in students.ARMS:
+        batches = students.arm_batches(records, reviews, tok, arm, few, steps=6, batch_size=4, seed=0,
+                                       positions=positions)
+        assert len(batches) == 6
+        for b in batches:
+            assert not (b["hard"] & b["soft"]).any()
+            assert not (b["labels"][b["hard"] | b["soft"]] == -100).any()
+            for row in range(b["input_ids"].shape[0]):
+                n = int(b["attention_mask"][row].sum())
+                i = id_of[tuple(b["input_ids"][row, :n].tolist())]
+                ans = students.answer_position(tok, reviews[i], records[i]["input_ids"])
+                hard, soft = b["hard"][row].nonzero()[:, 0].tolist(), b["soft"][row].nonzero()[:, 0].tolist()
+                labelled = arm == "ce_all" or i in few
+                assert arm != "ce_few" or i in few  # CE(few) sees the labelled texts only
+                if labelled:
+                    assert not soft and ans in hard and (positions == "reply" or hard == [ans])
+                else:
+                    assert not hard
+                    # a label-free position never has the true label in its context: none after the answer
+                    assert (soft and max(soft) == ans) if arm == "kd" else not soft
+    with pytest.raises(ValueError, match="unknown arm"):
+        students.arm_batches(records, reviews, tok, "kd_all", few, 1, 2, 0)
+
+
+def test_arm_loss_is_ce_for_the_ce_arms_and_weights_kd_by_positions(reviews, tok, tiny_teacher):
+    records = _fake_capture(tok, reviews)
+    few = students.few_label_ids(reviews, 4, seed=0)
+    b = students.arm_batches(records, reviews, tok, "kd", few, steps=3, batch_size=12, seed=0,
+                             positions="reply")[0]
+    with torch.no_grad():
+        logits = tiny_teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+        got = students.arm_loss(tiny_teacher, b, "kd", _topk_kd, 0.3, 2.0)
+        parts, n = 0.0, 0
+        for mask, alpha, labels in ((b["hard"], 0.3, b["labels"]), (b["soft"], 0.0, b["topk_ids"][..., 0])):
+            m = int(mask.sum())
+            parts += m * _topk_kd(logits[mask][None], b["topk_ids"][mask][None], b["topk_logprobs"][mask][None],
+                                  labels[mask][None], alpha, 2.0)
+            n += m
+        assert torch.allclose(got, parts / n, atol=1e-5)
+        ce = students.arm_loss(tiny_teacher, b, "ce_few", None, 0.3, 2.0)
+        want = torch.nn.functional.cross_entropy(logits[b["hard"]], b["labels"][b["hard"]])
+        assert torch.allclose(ce, want, atol=1e-5)
+
+
+def test_train_arm_trains_a_copy(reviews, tok, tiny_teacher):
+    records = _fake_capture(tok, reviews)
+    few = students.few_label_ids(reviews, 4, seed=0)
+    init = models.cut_student(tiny_teacher, [0])
+    before = init.model.layers[0].mlp.up_proj.weight.clone()
+    batches = students.arm_batches(records, reviews, tok, "kd", few, steps=3, batch_size=4, seed=0)
+    model, history = students.train_arm(init, batches, "kd", _topk_kd, 0.5, 1.0, lr=1e-2, seed=0)
+    assert len(history) == 3 and all(h == h for h in history)
+    assert torch.equal(init.model.layers[0].mlp.up_proj.weight, before)  # the init is untouched
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
+    with pytest.raises(ValueError, match="kd_loss"):
+        students.train_arm(init, batches, "kd", None)

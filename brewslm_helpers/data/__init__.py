@@ -31,12 +31,13 @@ def load_split(name: str, split: str, n: int | None, splits: tuple[str, ...]) ->
 def load_reviews(split: str, n: int | None = None) -> list[dict]:
     """Coffee-shop reviews with a sentiment label.
 
-    ``split`` is ``"gold"`` (120 balanced held-out rows: the evaluation set of lessons 2-4) or
-    ``"train"`` (600 rows, disjoint texts: distillation and fine-tuning data). ``n`` keeps the
-    first ``n`` rows (the files are shuffled, so any prefix is roughly balanced).
-    Each row: ``{"id": str, "text": str, "label": "positive" | "negative"}``.
+    ``split`` is ``"gold"`` (120 balanced held-out rows: the evaluation set of lessons 2-4),
+    ``"train"`` (600 rows, disjoint texts: distillation and fine-tuning data) or ``"novel"`` (80
+    balanced held-out rows whose opinion phrases and closing sentences occur in neither of the
+    others). ``n`` keeps the first ``n`` rows (the files are shuffled, so any prefix is roughly
+    balanced). Each row: ``{"id": str, "text": str, "label": "positive" | "negative"}``.
     """
-    return load_split("reviews", split, n, ("gold", "train"))
+    return load_split("reviews", split, n, ("gold", "train", "novel"))
 
 
 def sentiment_question(text: str) -> str:
