@@ -1,34 +1,39 @@
-"""Lesson 3's two students (KD and CE-only): loaded from the artefact folder, or trained here.
+"""Lesson 3's students, one per training arm and seed: trained there, loaded by lesson 4 (or trained here).
 
-Lesson 3 trains two students that share the SmolLM2 tokenizer and saves them as::
+The experiment (lesson 3 runs it with its own ``topk_kd_loss``): the teacher ran once over many
+unlabelled texts (lesson 2's capture), and only a few were labelled by hand. Every student starts as
+the same layer-cut copy of the teacher (``models.cut_student(teacher, [0])``, embeddings frozen),
+sees ``steps`` batches of ``batch_size`` texts and differs only in its arm:
 
-    artifact_dir(budget) / "kd_student"     save_pretrained folder (model + tokenizer)
-    artifact_dir(budget) / "ce_student"     save_pretrained folder (model + tokenizer)
-    artifact_dir(budget) / "students.json"  {"kd_student": {...}, "ce_student": {...}}: training metadata
+* ``ce_few``: cross-entropy on ``labels`` hand-labelled texts only;
+* ``kd``: every capture text: alpha * CE + (1 - alpha) * T^2 * KL(teacher top-k || student) where a
+  human label is in play, the KL alone where none is;
+* ``ce_all``: cross-entropy on every text's label (the control: with plenty of labels, no KD needed).
 
-Lesson 4 evaluates them. So that lesson 4 is never blocked on lesson 3 (a fresh clone, a failed
-run), ``load_or_train_students`` recreates the pair when it is missing, without any of lesson 3's
-graded code: both students start from the same layer-cut copy of the teacher
-(``models.cut_student(teacher, [0])``), see the same batches for the same number of steps
-(``training.train_loop``), and differ only in the loss:
+The loss is taken at the **answer position** (the one position whose next token is the label word,
+after the fixed reply prefix "This review is"): its context holds no label, so the teacher's top-k
+there is a soft label for a text nobody labelled. ``positions="reply"`` (lesson 3's ablation) takes a
+labelled text's whole reply and an unlabelled text's reply up to the answer (after it, the capture's
+own reply, written with the true label, is in the context).
 
-* CE-only: plain next-token cross-entropy on ``distill.collate``'s labels;
-* KD: ``alpha * CE + (1 - alpha) * T**2 * KL(teacher_T || student_T)``, the KL term being TRL's
-  ``GKDTrainer.generalized_jsd_loss(..., beta=0, temperature=T)`` (forward KL, mean over unmasked
-  tokens) on teacher logits computed live, full vocabulary.
+Saved layout (lesson 3 writes it, lesson 4 reads it)::
 
-Both losses are taken on the assistant's reply only ("This review is positive.<|im_end|>"): the
-labels of the prompt positions are set to -100, as TRL's SFT and GKD trainers do for
-prompt/completion data. Measured here (60 steps, batch 8, lr 1e-3, CE-only): with the loss on
-every position the student memorised the template (train loss 0.28) and stayed at chance on the
-gold set (0.52 on 60 rows); with the loss on the reply it reached 0.92.
+    artifact_dir(budget) / "students" / "<arm>-seed<seed>"   save_pretrained folder (model + tokenizer)
+    artifact_dir(budget) / "students" / "students.json"      {"<arm>-seed<seed>": {...training record}}
 
-The result says which path was taken (``source``: ``"loaded"`` or ``"trained"``).
+So that lesson 4 is never blocked on lesson 3 (a fresh clone, a failed run, grading in a sandbox),
+``load_or_train_students`` trains the same arms, seeds and sizes (``ARM_SIZES``, lesson 3's ``CFG``)
+when the folder is incomplete, without lesson 3's graded code: its KL term is TRL's
+``GKDTrainer.generalized_jsd_loss(beta=0)`` on the captured top-k (the teacher renormalised over its
+k ids, as lesson 3's loss), and its capture is made here with the teacher. The result says which path
+was taken (``source``: ``"loaded"`` or ``"trained"``).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -44,40 +49,52 @@ from . import distill, evaluation, models, training
 from .budget import pick, resolve
 from .paths import artifact_dir
 
-KD_STUDENT = "kd_student"
-CE_STUDENT = "ce_student"
-STUDENT_NAMES = (KD_STUDENT, CE_STUDENT)
+ARMS = ("ce_few", "kd", "ce_all")
+ARM_TITLES = {"ce_few": "CE, few labels", "kd": "KD on the capture", "ce_all": "CE, all labels"}
+REPLY_PREFIX = "This review is"
 META_FILE = "students.json"
-
-# the fallback's training sizes: a few steps at ci, a few dozen at full (the reply-only loss
-# converges fast: 60 steps of 8 took a CE-only student from chance to the teacher's gold accuracy)
-TRAIN_SIZES = {
-    "ci": dict(rows=8, batch_size=4, steps=2, lr=1e-3, alpha=0.5, temperature=2.0,
-               freeze_embeddings=True),
-    "full": dict(rows=600, batch_size=8, steps=60, lr=1e-3, alpha=0.5, temperature=2.0,
-                 freeze_embeddings=True),
-}
+FOLDER = "students"
 TEACHER_LAYERS = [0]
+# lesson 3's CFG uses the same values (tests/test_students.py checks): the fallback trains what it trains
+ARM_SIZES = {
+    "ci": dict(rows=8, k=8, labels=4, seeds=[0], steps=4, batch_size=4, lr=1e-3, alpha=0.5, T=1.0),
+    "full": dict(rows=600, k=16, labels=32, seeds=[0, 1, 2], steps=400, batch_size=8, lr=1e-3, alpha=0.5,
+                 T=1.0),
+}
+
+
+def run_name(arm: str, seed: int) -> str:
+    """The folder (and ``students.json`` key) of one trained student: ``"<arm>-seed<seed>"``."""
+    return f"{arm}-seed{seed}"
 
 
 @dataclass
 class Students:
-    """The pair of students and where they came from."""
+    """Trained students by run name, and where they came from."""
 
-    models: dict[str, torch.nn.Module]  # {"kd_student": model, "ce_student": model}, eval mode
-    meta: dict[str, dict]  # students.json's content ({} per student if the file had none)
+    models: dict[str, torch.nn.Module]  # {"kd-seed0": model, ...}, eval mode
+    meta: dict[str, dict]  # students.json's content, by run name
     source: str  # "loaded" (lesson 3's artefacts, or an earlier fallback run) or "trained" (now)
     folder: Path  # where they live
     seconds: float = 0.0  # time spent loading or training
     notes: list[str] = field(default_factory=list)
 
+    def runs(self, arm: str) -> list[str]:
+        """The run names of ``arm``, by seed."""
+        return sorted((n for n, m in self.meta.items() if m.get("arm") == arm),
+                      key=lambda n: self.meta[n].get("seed", 0))
+
     def describe(self) -> str:
         """One line saying which path was taken."""
         if self.source == "trained":
-            return (f"trained here by brewslm_helpers.students (no usable students in {self.folder}) "
+            return (f"trained here by brewslm_helpers.students (no complete set in {self.folder}) "
                     f"in {self.seconds:.0f} s, and saved there for next time")
         who = {m.get("trained_by", "lesson 3 (03_kd_loss)") for m in self.meta.values()}
         return f"loaded from {self.folder} (trained by {', '.join(sorted(who))})"
+
+
+def students_folder(budget: str) -> Path:
+    return artifact_dir(budget) / FOLDER
 
 
 def _is_saved_model(folder: Path) -> bool:
@@ -85,32 +102,50 @@ def _is_saved_model(folder: Path) -> bool:
 
 
 def students_present(folder: Path) -> bool:
-    """True if both student folders hold a saved model."""
-    return all(_is_saved_model(Path(folder) / name) for name in STUDENT_NAMES)
+    """Whether ``folder`` holds ``students.json`` and a saved model for every run it names."""
+    try:
+        meta = json.loads((Path(folder) / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(meta) and all(_is_saved_model(Path(folder) / name) for name in meta)
 
 
 def load_students(folder: Path, vocab_size: int | None = None) -> Students:
-    """Load both students (fp32, eval mode) and ``students.json`` from ``folder``.
-
-    With ``vocab_size``, check that each student uses a vocabulary of that size (the
-    same-tokenizer assumption of distillation) and fail clearly if not.
-    """
+    """Load every student ``students.json`` names (refusing one with a foreign vocabulary)."""
     folder = Path(folder)
     start = time.perf_counter()
+    meta = json.loads((folder / META_FILE).read_text())
     loaded = {}
-    for name in STUDENT_NAMES:
+    for name in meta:
         model = AutoModelForCausalLM.from_pretrained(folder / name, dtype=torch.float32)
         model.eval()
         if vocab_size is not None and model.config.vocab_size != vocab_size:
             raise ValueError(
                 f"{folder / name} has a vocabulary of {model.config.vocab_size} tokens, not the "
                 f"teacher's {vocab_size}: it does not share the teacher's tokenizer. Delete "
-                f"{folder / name} to have it retrained.")
+                f"{folder} to have the students retrained.")
         loaded[name] = model
-    meta_path = folder / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    meta = {name: dict(meta.get(name, {})) for name in STUDENT_NAMES}
     return Students(loaded, meta, "loaded", folder, time.perf_counter() - start)
+
+
+def save_students(trained: dict, tokenizer, meta: dict, folder: Path) -> None:
+    """Write ``trained`` (run name -> model) and ``students.json`` in the layout above; each model's
+    folder is written beside its target and swapped in, and ``students.json`` goes last, so a
+    reader never sees a half-written set."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, model in trained.items():
+        tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-{name}-"))
+        tmp.chmod(0o755)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        target = folder / name
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    tmp_meta = folder / (META_FILE + ".tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_meta, folder / META_FILE)
 
 
 def reply_start(tokenizer, row: dict, sequence: list[int]) -> int:
@@ -138,137 +173,9 @@ def reply_logits(model, batch):
     return logits.float().unsqueeze(0), batch["labels"][keep].unsqueeze(0)
 
 
-def train_students(teacher, tokenizer, budget: str = "ci", **overrides) -> tuple[dict, dict]:
-    """Train the KD and CE-only students from the same layer-cut init, batches and steps.
-
-    ``overrides`` replace entries of ``TRAIN_SIZES[budget]`` (rows, batch_size, steps, lr,
-    alpha, temperature, freeze_embeddings). With ``freeze_embeddings`` the token embeddings (tied
-    with the output head: 28 M of the student's 32 M parameters) keep the teacher's values and
-    only the decoder layer and the final norm train, which makes a step cheaper.
-    Returns ``(models, meta)`` keyed by ``STUDENT_NAMES``; the models are in eval mode and
-    ``meta`` is what ``students.json`` records.
-    """
-    budget = resolve(budget)
-    cfg = {**pick(budget, ci=TRAIN_SIZES["ci"], full=TRAIN_SIZES["full"]), **overrides}
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from trl.experimental.gkd import GKDTrainer
-    jsd = GKDTrainer.generalized_jsd_loss
-    alpha, T = float(cfg["alpha"]), float(cfg["temperature"])
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = distill.load_kd_rows(cfg["rows"])
-    sequences = distill.kd_token_ids(tokenizer, rows)
-    prompt_lens = [reply_start(tokenizer, row, seq) for row, seq in zip(rows, sequences)]
-    batches = []
-    for start in range(0, len(sequences), cfg["batch_size"]):
-        batch = distill.collate(sequences[start:start + cfg["batch_size"]], pad)
-        for b, n_prompt in enumerate(prompt_lens[start:start + cfg["batch_size"]]):
-            batch["labels"][b, :n_prompt - 1] = distill.IGNORE_INDEX  # loss on the reply only
-        batches.append(batch)
-    teacher.eval()
-
-    def ce_only(model, batch):
-        logits, labels = reply_logits(model, batch)
-        return F.cross_entropy(logits[0], labels[0])
-
-    def kd_mixed(model, batch):
-        with torch.no_grad():
-            t_logits, _ = reply_logits(teacher, batch)
-        s_logits, labels = reply_logits(model, batch)
-        kl = jsd(s_logits, t_logits, labels=labels, beta=0.0, temperature=T)
-        return alpha * F.cross_entropy(s_logits[0], labels[0]) + (1 - alpha) * T ** 2 * kl
-
-    trained, meta = {}, {}
-    for name, loss_fn, loss_text in (
-            (KD_STUDENT, kd_mixed,
-             f"{alpha} * CE + {1 - alpha} * T^2 * forward KL (TRL generalized_jsd_loss, beta=0), "
-             f"T={T}, full vocabulary, teacher logits live"),
-            (CE_STUDENT, ce_only, "cross-entropy on the hard labels only")):
-        student = models.cut_student(teacher, TEACHER_LAYERS)
-        student.get_input_embeddings().weight.requires_grad_(not cfg["freeze_embeddings"])
-        start = time.perf_counter()
-        history = training.train_loop(student, batches, loss_fn, steps=cfg["steps"], lr=cfg["lr"],
-                                      desc=f"fallback: {name}", seed=0)
-        trained[name] = student
-        meta[name] = {
-            "trained_by": "brewslm_helpers.students (lesson 4's fallback)",
-            "loss": loss_text + " (on the assistant's reply tokens)", "steps": cfg["steps"],
-            "batch_size": cfg["batch_size"],
-            "train_rows": len(sequences), "lr": cfg["lr"],
-            "alpha": alpha if name == KD_STUDENT else 1.0,
-            "T": T if name == KD_STUDENT else None, "k": None,
-            "teacher_layers": list(TEACHER_LAYERS), "params": student.num_parameters(),
-            "trainable_params": sum(p.numel() for p in student.parameters() if p.requires_grad),
-            "frozen_embeddings": bool(cfg["freeze_embeddings"]), "positions": "assistant reply only",
-            "final_train_loss": history[-1], "first_train_loss": history[0],
-            "train_seconds": round(time.perf_counter() - start, 1), "budget": budget}
-    return trained, meta
-
-
-def save_students(trained: dict, tokenizer, meta: dict, folder: Path) -> None:
-    """Write the pair in lesson 3's layout (each folder replaced as a whole, then ``students.json``)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in STUDENT_NAMES:
-        tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-{name}-"))
-        tmp.chmod(0o755)
-        trained[name].save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        target = folder / name
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    (folder / META_FILE).write_text(json.dumps(meta, indent=1))
-
-
-def load_or_train_students(budget: str, teacher=None, tokenizer=None, folder: Path | None = None,
-                           **overrides) -> Students:
-    """The KD and CE-only students of ``artifact_dir(budget)``, trained (and saved) if missing.
-
-    If either folder lacks a saved model, both are retrained together (they are a matched pair:
-    same init, batches and steps) with ``train_students`` and saved in the same layout, so the
-    next run loads them. ``teacher``/``tokenizer`` default to ``models.load_teacher()`` (only
-    loaded if training is needed); ``folder`` defaults to ``artifact_dir(budget)``.
-    """
-    budget = resolve(budget)
-    folder = Path(folder) if folder is not None else artifact_dir(budget)
-    if students_present(folder):
-        vocab = len(tokenizer) if tokenizer is not None else None
-        return load_students(folder, vocab_size=vocab)
-    if teacher is None or tokenizer is None:
-        teacher, tokenizer = models.load_teacher()
-    start = time.perf_counter()
-    trained, meta = train_students(teacher, tokenizer, budget, **overrides)
-    save_students(trained, tokenizer, meta, folder)
-    return Students(trained, meta, "trained", folder, time.perf_counter() - start)
-
-
-# ---------------------------------------------------------------------------------------------
-# Issue 14's experiment (lessons 3-4 will move to it; drafts/kd_few_labels.py runs it today): a few
-# hand labels against KD on the whole capture, same init, steps and batches.
-#
-# * ``ce_few``: cross-entropy on ``n`` hand-labelled texts only;
-# * ``kd``: every capture text; where a human label is in play, ``kd_loss(..., alpha, T)`` (alpha *
-#   CE + (1 - alpha) * T^2 * KL); at label-free positions, ``kd_loss(..., 0.0, T)`` (the KL only);
-# * ``ce_all``: cross-entropy on every label (the control: with plenty of labels KD is not needed).
-#
-# Which positions (``positions``):
-# * ``"answer"``: the one position whose next token is the label word (" positive"/" negative" after
-#   the fixed reply prefix "This review is"). Its context holds no label, so the teacher's top-k there
-#   is a soft label for a text nobody labelled;
-# * ``"reply"``: a labelled text's whole reply; an unlabelled text's reply up to the answer position
-#   (after it, the capture's own reply, written with the true label, is in the context: a leak).
-ARMS = ("ce_few", "kd", "ce_all")
-REPLY_PREFIX = "This review is"
-
-
 def few_label_ids(rows: list[dict], n: int, seed: int) -> set[int]:
     """Indices of ``n`` hand-labelled ``rows`` (half of each label, the odd one negative), drawn
     with ``seed``."""
-    import random
-
     rng = random.Random(seed)
     pos = [i for i, r in enumerate(rows) if r["label"] == "positive"]
     neg = [i for i, r in enumerate(rows) if r["label"] == "negative"]
@@ -297,8 +204,6 @@ def arm_batches(records: list[dict], rows: list[dict], tokenizer, arm: str, labe
     masks: ``hard``, positions with a human label (CE, and KD's alpha term), and ``soft``, label-free
     positions (KD's KL only; empty for the CE arms).
     """
-    import random
-
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}: use one of {ARMS}")
     if positions not in ("answer", "reply"):
@@ -367,11 +272,95 @@ def train_arm(init_student, batches: list[dict], arm: str, kd_loss=None, alpha: 
               T: float = 1.0, lr: float = 1e-3, seed: int = 0) -> tuple[torch.nn.Module, list[float]]:
     """A copy of ``init_student`` trained on ``batches`` (``arm_batches``) with ``arm_loss``, one
     AdamW step per batch (``training.train_loop``). Returns ``(model, loss history)``."""
-    import copy
-
     if arm == "kd" and kd_loss is None:
         raise ValueError("the kd arm needs kd_loss (lesson 3's topk_kd_loss signature)")
     model = copy.deepcopy(init_student)
     history = training.train_loop(model, batches, lambda m, b: arm_loss(m, b, arm, kd_loss, alpha, T),
                                   steps=len(batches), lr=lr, desc=f"{arm} (seed {seed})", seed=seed)
     return model, history
+
+
+def capture_records(teacher, tokenizer, rows: list[dict], k: int, batch_size: int = 8) -> list[dict]:
+    """Lesson 2's capture of ``rows``, in memory (its schema, without the fingerprint fields): the
+    teacher's top-``k`` log-probs at every position of each chat-formatted text."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sequences = distill.kd_token_ids(tokenizer, rows)
+    records = []
+    for start in range(0, len(rows), batch_size):
+        chunk = sequences[start:start + batch_size]
+        batch = distill.collate(chunk, pad)
+        with torch.no_grad():
+            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        top_lp, top_ids = torch.log_softmax(logits.float(), -1).topk(k, dim=-1)
+        for b, (row, seq) in enumerate(zip(rows[start:start + batch_size], chunk)):
+            records.append({"id": row["id"], "input_ids": seq, "k": k,
+                            "topk_ids": top_ids[b, :len(seq)].tolist(),
+                            "topk_logprobs": top_lp[b, :len(seq)].tolist()})
+    return records
+
+
+def train_students(teacher, tokenizer, budget: str = "ci", **overrides) -> tuple[dict, dict]:
+    """Lesson 4's fallback: every arm of ``ARMS`` for every seed, at ``ARM_SIZES[budget]``
+    (``overrides`` replace entries). Returns ``(models, meta)`` keyed by ``run_name``."""
+    budget = resolve(budget)
+    cfg = {**pick(budget, ci=ARM_SIZES["ci"], full=ARM_SIZES["full"]), **overrides}
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.gkd import GKDTrainer
+    jsd = GKDTrainer.generalized_jsd_loss
+
+    def trl_topk_kd(student_logits, topk_ids, topk_logprobs, labels, alpha, T):
+        # the teacher known on its k ids only: a dense row that is -1e4 elsewhere renormalises over them
+        dense = torch.full_like(student_logits, -1e4).scatter(-1, topk_ids, topk_logprobs)
+        kl = jsd(student_logits, dense, labels=labels, beta=0.0, temperature=T)
+        return alpha * F.cross_entropy(student_logits[0], labels[0]) + (1 - alpha) * T ** 2 * kl
+
+    rows = distill.load_kd_rows(cfg["rows"])
+    teacher.eval()
+    records = capture_records(teacher, tokenizer, rows, cfg["k"])
+    init = models.cut_student(teacher, TEACHER_LAYERS)
+    init.get_input_embeddings().weight.requires_grad_(False)  # tied: freezes the head too
+    trained, meta = {}, {}
+    for seed in cfg["seeds"]:
+        labelled = few_label_ids(rows, cfg["labels"], seed)
+        for arm in ARMS:
+            batches = arm_batches(records, rows, tokenizer, arm, labelled, cfg["steps"],
+                                  cfg["batch_size"], seed)
+            start = time.perf_counter()
+            model, history = train_arm(init, batches, arm, trl_topk_kd, cfg["alpha"], cfg["T"],
+                                       cfg["lr"], seed)
+            name = run_name(arm, seed)
+            trained[name] = model
+            meta[name] = {
+                "arm": arm, "seed": seed, "trained_by": "brewslm_helpers.students (lesson 4's fallback)",
+                "loss": ("alpha * CE + (1 - alpha) * T^2 * KL (TRL generalized_jsd_loss, beta=0, on the "
+                         "captured top-k); the KL alone on unlabelled texts") if arm == "kd"
+                        else "cross-entropy on the hand labels",
+                "positions": "answer", "labels": len(rows) if arm == "ce_all" else cfg["labels"],
+                "capture_texts": len(rows), "steps": cfg["steps"], "batch_size": cfg["batch_size"],
+                "lr": cfg["lr"], "alpha": cfg["alpha"] if arm == "kd" else 1.0,
+                "T": cfg["T"] if arm == "kd" else None, "k": cfg["k"] if arm == "kd" else None,
+                "teacher_layers": list(TEACHER_LAYERS), "params": model.num_parameters(),
+                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "first_train_loss": history[0], "final_train_loss": history[-1],
+                "train_seconds": round(time.perf_counter() - start, 1), "budget": budget}
+    return trained, meta
+
+
+def load_or_train_students(budget: str, teacher=None, tokenizer=None, folder: Path | None = None,
+                           **overrides) -> Students:
+    """Lesson 3's students of ``students_folder(budget)``, trained (and saved) if the set is incomplete.
+
+    ``teacher``/``tokenizer`` default to ``models.load_teacher()`` (loaded only to train);
+    ``overrides`` go to ``train_students``."""
+    budget = resolve(budget)
+    folder = Path(folder) if folder is not None else students_folder(budget)
+    if students_present(folder):
+        return load_students(folder, vocab_size=len(tokenizer) if tokenizer is not None else None)
+    if teacher is None or tokenizer is None:
+        teacher, tokenizer = models.load_teacher()
+    start = time.perf_counter()
+    trained, meta = train_students(teacher, tokenizer, budget, **overrides)
+    save_students(trained, tokenizer, meta, folder)
+    return Students(trained, meta, "trained", folder, time.perf_counter() - start)

@@ -40,10 +40,11 @@
 # - what temperature does to the teacher's distribution at the answer token;
 # - why the $T^2$ is there (gradient norm against $T$, with and without it);
 # - how far the top-*k* loss is from the full-vocabulary loss;
-# - two students cut from the teacher (one of its 30 layers, about 24 % of its parameters). They start
-#   from the same weights and see the same batches; one is trained with your top-*k* KD loss, the other
-#   with plain cross-entropy. We compare their loss curves, their gold-set accuracy and how well they
-#   agree with the teacher. Both are saved for lesson 4.
+# - when KD beats labels: students cut from the teacher (one of its 30 layers, about 21 % of its
+#   parameters), trained three ways from the same weights, three seeds each: cross-entropy on a few
+#   hand-labelled texts, your top-*k* KD loss on the whole capture (soft labels where nobody labelled),
+#   and cross-entropy on every label (the control); with the diagnostics that tell a training failure
+#   from a finding. All are saved for lesson 4.
 
 # %% id="parameters" tags=["parameters"]
 import os
@@ -55,22 +56,20 @@ import copy
 import functools
 import json
 import os
-import shutil
-import tempfile
 import time
 import warnings
-from pathlib import Path
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from brewslm_helpers import budget, capture, data, distill, evaluation, models, plots, report, training
+from brewslm_helpers import budget, capture, data, distill, evaluation, models, plots, report, students
 from brewslm_helpers.paths import artifact_dir
 
 try:  # TRL's distillation loss is the reference in test_kd_loss; importing it takes a few seconds,
@@ -81,10 +80,12 @@ except ImportError:
 torch.manual_seed(0)
 CFG = budget.pick(
     BUDGET,
-    ci=dict(n_texts=8, capture_k=8, batch_size=4, steps=4, lr=1e-3, alpha=0.5, T=1.0, gold_rows=16,
-            t_grid=[1, 2, 4, 8], timing_texts=1, timing_steps=1, gap_texts=2),
-    full=dict(n_texts=600, capture_k=16, batch_size=8, steps=150, lr=1e-3, alpha=0.5, T=1.0, gold_rows=120,
-              t_grid=[1, 1.5, 2, 3, 4, 6, 8, 12, 16], timing_texts=8, timing_steps=3, gap_texts=16),
+    ci=dict(n_texts=8, capture_k=8, labels=4, seeds=[0], batch_size=4, steps=4, lr=1e-3, alpha=0.5, T=1.0,
+            gold_rows=16, novel_rows=16, ablation_steps=2, t_grid=[1, 2, 4, 8], timing_texts=1, timing_steps=1,
+            gap_texts=2),
+    full=dict(n_texts=600, capture_k=16, labels=32, seeds=[0, 1, 2], batch_size=8, steps=400, lr=1e-3, alpha=0.5,
+              T=1.0, gold_rows=120, novel_rows=80, ablation_steps=150, t_grid=[1, 1.5, 2, 3, 4, 6, 8, 12, 16],
+              timing_texts=8, timing_steps=3, gap_texts=16),
 )
 STUDENT_LAYERS = [0]  # the teacher layer the student keeps (section 5 says why)
 
@@ -746,53 +747,51 @@ assert z.grad is not None and torch.isfinite(z.grad).all() and (z.grad[~mask] ==
 ### END HIDDEN TESTS
 
 # %% [markdown] id="student-idea"
-# ## 5. The student, and two ways to train it
+# ## 5. The student, and three ways to train it
 #
 # **Size.** `models.cut_student(teacher, [0])` keeps the teacher's token embeddings (tied with the output
 # layer), **one** of its 30 decoder layers and its final norm. This is layer dropping, the way DistilBERT
 # initialised its student. The student uses the teacher's tokenizer by construction, so every id in the
 # capture means the same token to both. Its size as a fraction of the teacher's is computed below. Most
-# of it is the 49,152 × 576 embedding matrix, which the layer cut cannot shrink.
+# of it is the 49,152 × 576 embedding matrix, which the layer cut cannot shrink. Layer 0 is the layer
+# the teacher trained on raw token embeddings, which is what the student's only layer reads.
 #
-# **Which layer.** Layer 0. The student's only layer reads raw token embeddings, and layer 0 is the
-# layer the teacher trained on exactly that input. Any other layer expects the residual stream built by
-# the layers before it. No single layer gives a working model out of the box; section 6 scores the
-# untrained cut student next to the trained ones. Lesson 4's fallback cuts the same layer, so its
-# students compare with ours. Trying `[29]` or `[15]` is a cheap experiment if you are curious.
+# **The situation KD is for.** Lesson 2's teacher read every training text once, and nobody had to
+# label them for that. Hand labels are the expensive part: here only `CFG["labels"]` of the texts
+# (32 at `full`, half of each sentiment) have one. Three arms, each a copy of the same cut model, with
+# the same number of steps, batch size and learning rate:
 #
-# **Which positions.** The capture has every position. We train on the **assistant's reply** only
-# (`This review is positive.<|im_end|>`) and set the prompt's labels to -100. This is what TRL's
-# `GKDTrainer` does: the prompt is given at inference time and never generated, so there is nothing to
-# imitate there. It is also much cheaper. The student's output layer (576 → 49,152) is most of a step's
-# cost, and we apply it only to the handful of reply positions per text instead of all ~70 tokens (the
-# cell below counts them). The price: the student learns nothing about the review text itself.
-# Distilling every position is a legitimate choice, with more teacher signal per text and several
-# times the compute per step (measured below).
+# | arm | trains on | loss |
+# |---|---|---|
+# | **CE, few labels** (`ce_few`) | the 32 labelled texts | cross-entropy on the label |
+# | **KD on the capture** (`kd`) | all the capture's texts | your `topk_kd_loss`: with `alpha` where there is a label, `alpha = 0` (the KL alone) where there is none |
+# | **CE, all labels** (`ce_all`) | every text, all labelled | cross-entropy: the control. With plenty of labels, is KD still needed? |
+#
+# **Which position.** The reply is `This review is positive.<|im_end|>`. Only one of its positions
+# says anything about the review: the one after *"This review is"*, where the teacher chooses the
+# answer word (section 2's plot). The other reply positions predict a fixed wording. And for a text
+# nobody labelled, every position *after* the answer word has the capture's own reply in its context,
+# a reply lesson 2 wrote with the true label: distilling there would leak the label. So the default is
+# the **answer position only**: its context is the review and the fixed prefix, nothing else. The
+# ablation in section 6 distils the reply up to the answer instead. `students.arm_batches` marks the
+# positions (`hard`: a human label is in play; `soft`: none is), `students.arm_loss` applies your loss,
+# `students.train_arm` runs the steps. Read them: they are a dozen lines each.
 #
 # **Frozen embeddings.** The embedding matrix is most of the student's parameters (the cell below
-# prints the share). We freeze it:
-# - a step skips its weight gradient and its AdamW update (measured below);
-# - the student keeps the teacher's token space, the one the captured top-k ids refer to;
-# - a few hundred steps on a few hundred texts could only overfit its 28 M parameters.
+# prints the share). We freeze it: a step skips its weight gradient and its AdamW update (measured
+# below), the student keeps the teacher's token space, the one the captured top-k ids refer to, and a
+# few hundred steps could only overfit its 28 M parameters.
 #
-# The price is that the student cannot adapt its vocabulary representation. That is fine for a short run
-# and worth revisiting for a long one.
-#
-# **Hyperparameters.** `alpha = 0.5` weighs the two terms equally. We use `T = 1`, the value TRL's GKD
-# uses in its divergence. Section 2 showed that on a 49k-token vocabulary $T = 2$ already moves most of
-# the softened mass into the tail, which the capture does not have, and section 6 measures how far the
-# top-*k* loss drifts from the full one as $T$ grows. At $T = 1$ the $T^2$ factor is 1. It matters as
-# soon as you raise $T$, which `CFG` lets you try.
-#
-# **A fair comparison.** Both students start as copies of the same cut model and see the same batches
-# in the same order, for the same steps, learning rate and seed. They differ only in the loss:
-# **KD**, your `topk_kd_loss` on the capture with `alpha`, `T` from `CFG`, against **CE-only**, plain
-# `F.cross_entropy` on the hard labels. The CE-only loss does not use your code, so the baseline stays
-# valid whatever your exercises do.
+# **Hyperparameters.** `alpha = 0.5`, `T = 1` (the value TRL's GKD uses; section 2 showed that on a
+# 49k vocabulary $T = 2$ already moves most of the softened mass into the tail, which the capture does
+# not have), 400 steps of 8 texts at `full`. Three seeds: each draws its own 32 labelled texts and its
+# own batch order, so the spread between seeds is what "which 32 texts got labelled" and "which order"
+# are worth. Section 6 measures what fewer steps, the reply positions and $T = 2$ change.
 
 # %% id="student-setup"
 def training_batches(records, batch_size):
-    """Capture records -> distill.collate_capture batches, with the prompt's labels set to -100."""
+    """Capture records -> distill.collate_capture batches, with the prompt's labels set to -100
+    (every reply position: used to time a step and to measure the top-k gap)."""
     out = []
     for chunk in distill.batches(records, batch_size):
         batch = distill.collate_capture(chunk, tok.pad_token_id)
@@ -815,12 +814,7 @@ def reply_logits(model, batch):
     return model.lm_head(hidden[keep]).unsqueeze(0), keep
 
 
-batches = training_batches(records, CFG["batch_size"])
-n_reply = sum(int((b["labels"] != distill.IGNORE_INDEX).sum()) for b in batches)
-n_all = sum(int(b["attention_mask"].sum()) for b in batches)
-print(f"{len(batches)} batches of up to {CFG['batch_size']} texts; "
-      f"{n_reply} reply positions out of {n_all} tokens ({n_reply / n_all:.1%})")
-
+ROWS = [TRAIN_BY_ID[r["id"]] for r in records]  # the review behind each capture record
 init_student.model.embed_tokens.weight.requires_grad_(False)  # tied: freezes lm_head too
 STUDENT_PARAMS = init_student.num_parameters()
 TRAINABLE = sum(p.numel() for p in init_student.parameters() if p.requires_grad)
@@ -828,6 +822,8 @@ PARAM_RATIO = STUDENT_PARAMS / TEACHER_PARAMS
 print(f"student: teacher layer(s) {STUDENT_LAYERS}, {STUDENT_PARAMS:,} parameters = {PARAM_RATIO:.1%} "
       f"of the teacher; {TRAINABLE:,} trainable with the embeddings frozen "
       f"(the embedding matrix is {1 - TRAINABLE / STUDENT_PARAMS:.1%} of the student)")
+print(f"capture: {len(records)} texts; hand-labelled per seed: {CFG['labels']}; seeds {CFG['seeds']}; "
+      f"{CFG['steps']} steps of {CFG['batch_size']} texts per arm")
 assert PARAM_RATIO <= 0.25
 
 
@@ -835,8 +831,8 @@ assert PARAM_RATIO <= 0.25
 # **What a step costs.** We time a few optimiser steps on a batch of `CFG["timing_texts"]` texts. Each
 # step is a forward pass, a backward pass and an AdamW update with the cross-entropy loss. We time
 # three setups: all positions with trainable embeddings (the naive setup), reply positions only, and
-# reply positions with the embeddings frozen (what we train with). Timings on a shared CPU are noisy;
-# look at the ratios.
+# reply positions with the embeddings frozen. The arms train at one position per text with the
+# embeddings frozen, cheaper still. Timings on a shared CPU are noisy; look at the ratios.
 
 # %% id="timing"
 def seconds_per_step(reply_only: bool, frozen: bool, n_steps: int) -> float:
@@ -872,118 +868,167 @@ for name, sec in STEP_TIMES.items():
     print(f"{name:<38} {sec:6.2f} s/step")
 
 # %% id="train"
-HARD_CE = {"kd_student": [], "ce_student": []}  # hard-label CE per step, the same quantity for both
-
-
-def kd_step(model, batch):
-    logits, keep = reply_logits(model, batch)
-    labels = batch["labels"][keep].unsqueeze(0)
-    loss = topk_kd_loss(logits, batch["topk_ids"][keep].unsqueeze(0), batch["topk_logprobs"][keep].unsqueeze(0),
-                        labels, CFG["alpha"], CFG["T"])
-    HARD_CE["kd_student"].append(float(F.cross_entropy(logits[0].detach(), labels[0])))
-    return loss
-
-
-def ce_step(model, batch):
-    logits, keep = reply_logits(model, batch)
-    loss = F.cross_entropy(logits[0], batch["labels"][keep])
-    HARD_CE["ce_student"].append(float(loss.detach()))
-    return loss
-
-
-trained, history, train_seconds = {}, {}, {}
-for name, loss_fn in (("kd_student", kd_step), ("ce_student", ce_step)):
-    model = copy.deepcopy(init_student)  # the same initial weights for both
-    start = time.perf_counter()
-    try:
-        history[name] = training.train_loop(model, batches, loss_fn, steps=CFG["steps"], lr=CFG["lr"],
-                                            desc=name, seed=0)
-    finally:
-        train_seconds[name] = time.perf_counter() - start
-    trained[name] = model
-    print(f"{name}: {CFG['steps']} steps in {train_seconds[name]:.0f} s, "
-          f"loss {history[name][0]:.3f} -> {history[name][-1]:.3f}")
-
-# %% id="loss-curves"
-window = max(1, CFG["steps"] // 15)
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-for name, label in (("kd_student", f"KD (alpha={CFG['alpha']}, T={CFG['T']}, k={K})"), ("ce_student", "CE only")):
-    axes[0].plot(plots.smooth(history[name], window), label=label)
-    axes[1].plot(plots.smooth(HARD_CE[name], window), label=label)
-axes[0].set_title("training objective (each its own loss)")
-axes[1].set_title("hard-label cross-entropy on the training batch")
-for ax in axes:
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats (smoothed)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-plt.show()
-
-# %% [markdown] id="loss-curves-after"
-# The two objectives on the left are different quantities. The KD loss includes a KL term that cannot
-# reach 0, because a one-layer student cannot match a 30-layer teacher, so don't compare their levels.
-# The right panel measures both students the same way. Expect the CE-only student to drive its
-# training cross-entropy lower: that is the only thing it optimises. A lower training CE is not the
-# goal, though. The gold set below is.
-
-# %% [markdown] id="eval-idea"
-# ## 6. Did the teacher's knowledge transfer?
-#
-# All four models are scored the same way on the same held-out gold reviews
-# (`evaluation.score_sentiment`): the log-probability of "This review is positive" against
-# "... negative" as the reply, highest wins. Alongside accuracy we measure **agreement with the
-# teacher**: how often the student gives the teacher's answer, and how close its P(positive) is to the
-# teacher's. This is what distillation optimises directly. Lesson 4 turns these scores into a ship
-# decision with confidence intervals. Here we look at the raw numbers.
-
-# %% id="eval"
 gold = data.load_reviews("gold", CFG["gold_rows"])
-scores = {}
-for name, model in (("teacher", teacher), ("untrained student", init_student),
-                    ("kd_student", trained["kd_student"]), ("ce_student", trained["ce_student"])):
-    scores[name] = evaluation.score_sentiment(model, tok, gold)
-teacher_pred = scores["teacher"]["p_positive"] > 0.5
-agreement, p_gap = {}, {}
-for name in ("untrained student", "kd_student", "ce_student"):
-    agreement[name] = float(((scores[name]["p_positive"] > 0.5) == teacher_pred).mean())
-    p_gap[name] = float(np.abs(scores[name]["p_positive"] - scores["teacher"]["p_positive"]).mean())
-print(f"gold set: {len(gold)} reviews")
-for name, r in scores.items():
-    extra = "" if name == "teacher" else (f"   agrees with the teacher on {agreement[name]:.1%}, "
-                                          f"mean |P(pos) - teacher's| = {p_gap[name]:.3f}")
-    print(f"  {name:<18} accuracy {r['accuracy']:.3f}{extra}")
+novel = data.load_reviews("novel", CFG["novel_rows"])
+TEACHER_EVAL = {"gold": evaluation.score_sentiment(teacher, tok, gold),
+                "novel": evaluation.score_sentiment(teacher, tok, novel)}
+
+
+def train_and_score(arm, seed, steps=CFG["steps"], positions="answer", T=CFG["T"]):
+    """Train one arm (same init, steps and batch size for all) and score it on gold and novel."""
+    labelled = students.few_label_ids(ROWS, CFG["labels"], seed)
+    batches = students.arm_batches(records, ROWS, tok, arm, labelled, steps, CFG["batch_size"], seed, positions)
+    start = time.perf_counter()
+    model, history = students.train_arm(init_student, batches, arm, topk_kd_loss, CFG["alpha"], T, CFG["lr"], seed)
+    seconds = time.perf_counter() - start
+    return model, history, seconds, {split: evaluation.score_sentiment(model, tok, rows)
+                                     for split, rows in (("gold", gold), ("novel", novel))}
+
+
+trained, history, train_seconds, EVALS = {}, {}, {}, {}
+for seed in CFG["seeds"]:
+    for arm in students.ARMS:
+        name = students.run_name(arm, seed)
+        trained[name], history[name], train_seconds[name], EVALS[name] = train_and_score(arm, seed)
+        print(f"{name:<14} {CFG['steps']} steps in {train_seconds[name]:4.0f} s, loss {history[name][0]:.3f} -> "
+              f"{np.mean(history[name][-10:]):.3f}; gold {EVALS[name]['gold']['accuracy']:.3f}, "
+              f"novel {EVALS[name]['novel']['accuracy']:.3f}")
+
+# %% [markdown] id="diagnostics-idea"
+# ## 6. Did the teacher's knowledge transfer? First, did training work?
+#
+# Accuracy alone hides the most common failure of a small classifier: a **constant predictor**, which
+# answers "positive" to everything and scores exactly 0.5 on a balanced set. Before comparing arms,
+# the diagnostics a practitioner looks at, per run, on gold:
+#
+# - **share of "positive" answers** (0.5 on this balanced set for a model that tracks the labels; a run
+#   outside 0.2 .. 0.8 is flagged `COLLAPSED?`);
+# - **agreement with the teacher**: how often the student gives the teacher's answer, what KD optimises;
+# - **KL(teacher ‖ student)** over the two answers (P(positive) against P(negative), in nats): how close
+#   the student's belief is to the teacher's, not just its argmax;
+# - and, on **novel** reviews (opinion phrases and closing sentences that occur in no training text),
+#   whether what the student learned carries beyond the phrasings it saw.
+#
+# All models are scored the same way (`evaluation.score_sentiment`: the log-probability of "This review
+# is positive" against "... negative" as the reply, highest wins). Lesson 4 puts intervals on these
+# numbers and decides; here we look.
+
+# %% id="diagnostics"
+def two_answer_kl(p_teacher, p_student):
+    """Mean KL(teacher || student) over the two answers, nats; p_* = P(positive) per review."""
+    p, q = np.clip(p_teacher, 1e-6, 1 - 1e-6), np.clip(p_student, 1e-6, 1 - 1e-6)
+    return float(np.mean(p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))))
+
+
+def diagnose(ev):
+    g, t = ev["gold"], TEACHER_EVAL["gold"]
+    share = float((g["p_positive"] > 0.5).mean())
+    return {"gold accuracy": g["accuracy"], "novel accuracy": ev["novel"]["accuracy"],
+            "share positive": share,
+            "agreement with teacher": float(((g["p_positive"] > 0.5) == (t["p_positive"] > 0.5)).mean()),
+            "KL(teacher||student)": two_answer_kl(t["p_positive"], g["p_positive"]),
+            "flag": "COLLAPSED?" if not 0.2 <= share <= 0.8 else ""}
+
+
+DIAG = pd.DataFrame({name: diagnose(ev) for name, ev in EVALS.items()}).T
+DIAG.loc["teacher"] = {"gold accuracy": TEACHER_EVAL["gold"]["accuracy"],
+                       "novel accuracy": TEACHER_EVAL["novel"]["accuracy"],
+                       "share positive": float((TEACHER_EVAL["gold"]["p_positive"] > 0.5).mean()),
+                       "agreement with teacher": 1.0, "KL(teacher||student)": 0.0, "flag": ""}
+COLLAPSED = [n for n in EVALS if DIAG.loc[n, "flag"]]
+print(f"gold: {len(gold)} reviews, novel: {len(novel)} reviews")
+display(DIAG.style.format({c: "{:.3f}" for c in DIAG.columns if c != "flag"}))
+print("collapsed runs: " + (", ".join(COLLAPSED) if COLLAPSED else "none"))
+MEAN = {arm: {split: float(np.mean([EVALS[students.run_name(arm, s)][split]["accuracy"] for s in CFG["seeds"]]))
+              for split in ("gold", "novel")} for arm in students.ARMS}
+for arm in students.ARMS:
+    print(f"{students.ARM_TITLES[arm]:<18} mean over {len(CFG['seeds'])} seed(s): gold {MEAN[arm]['gold']:.3f}, "
+          f"novel {MEAN[arm]['novel']:.3f}")
+print(f"{'teacher':<18} gold {TEACHER_EVAL['gold']['accuracy']:.3f}, novel {TEACHER_EVAL['novel']['accuracy']:.3f}")
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-names = list(scores)
-axes[0].bar(["teacher", "untrained\nstudent", "KD\nstudent", "CE-only\nstudent"],
-            [scores[n]["accuracy"] for n in names], color=["C7", "C8", "C0", "C1"])
-axes[0].axhline(0.5, color="k", ls=":", label="chance")
-axes[0].set_ylim(0, 1)
-axes[0].set_title(f"gold accuracy ({len(gold)} reviews)")
-axes[0].legend()
-for name, color in (("kd_student", "C0"), ("ce_student", "C1")):
-    axes[1].scatter(scores["teacher"]["p_positive"], scores[name]["p_positive"], s=14, color=color,
-                    alpha=0.7, label=name)
+colors = {"ce_few": "C1", "kd": "C0", "ce_all": "C2"}
+for i, arm in enumerate(students.ARMS):
+    for j, split in enumerate(("gold", "novel")):
+        accs = [EVALS[students.run_name(arm, s)][split]["accuracy"] for s in CFG["seeds"]]
+        axes[0].scatter([i + 0.2 * j - 0.1] * len(accs), accs, color=colors[arm], marker="o" if split == "gold" else "x",
+                        label=f"{split}" if i == 0 else None)
+for split in ("gold", "novel"):
+    axes[0].axhline(TEACHER_EVAL[split]["accuracy"], color="k", ls="--" if split == "gold" else ":", lw=1,
+                    label=f"teacher, {split}")
+axes[0].axhline(0.5, color="gray", lw=0.8)
+axes[0].set_xticks(range(3), [students.ARM_TITLES[a] for a in students.ARMS])
+axes[0].set_ylim(0.3, 1.05)
+axes[0].set_ylabel("accuracy (one point per seed)")
+axes[0].set_title("gold (o) and novel phrasings (x)")
+axes[0].legend(fontsize=8)
+for arm in students.ARMS:
+    name = students.run_name(arm, CFG["seeds"][0])
+    axes[1].scatter(TEACHER_EVAL["gold"]["p_positive"], EVALS[name]["gold"]["p_positive"], s=12, color=colors[arm],
+                    alpha=0.7, label=students.ARM_TITLES[arm])
 axes[1].plot([0, 1], [0, 1], "k:", lw=1)
 axes[1].set_xlabel("teacher's P(positive)")
 axes[1].set_ylabel("student's P(positive)")
-axes[1].set_title("does the student believe what the teacher believes?")
-axes[1].legend()
+axes[1].set_title(f"does the student believe what the teacher believes? (seed {CFG['seeds'][0]})")
+axes[1].legend(fontsize=8)
 for ax in axes:
     ax.grid(alpha=0.3)
 plt.show()
+
+# %% [markdown] id="loss-by-position-idea"
+# **Where the KD loss lives.** The KL between the teacher's captured top-k and the KD student, at each
+# reply position of the first `CFG["gap_texts"]` capture texts: the positions that predict the fixed
+# wording are cheap to match; the answer position is where the student has to know something. A CE
+# student trained on the same few labels is shown for comparison.
+
+# %% id="loss-by-position"
+pos_batch = training_batches(records[:CFG["gap_texts"]], CFG["gap_texts"])[0]
+REPLY_WORDS = ["This", " review", " is", "<answer>", ".", "<|im_end|>"]  # the token each position predicts
+KL_BY_POSITION = {}
+with torch.no_grad():
+    for arm in ("kd", "ce_few"):
+        s_logits, keep = reply_logits(trained[students.run_name(arm, CFG["seeds"][0])], pos_batch)
+        log_p = torch.log_softmax(pos_batch["topk_logprobs"][keep], -1)  # [N, k]: every reply position
+        log_q = torch.log_softmax(s_logits[0].float(), -1).gather(-1, pos_batch["topk_ids"][keep])
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        KL_BY_POSITION[arm] = kl.reshape(keep.shape[0], -1).mean(0).tolist()  # every reply has 6 positions
+print(pd.DataFrame(KL_BY_POSITION, index=REPLY_WORDS).round(4)
+      .rename(columns={"kd": "KD student: KL (nats)", "ce_few": "CE(few) student: KL (nats)"}))
+
+# %% [markdown] id="ablation-idea"
+# **Three choices, measured** (one seed, the first; the same labelled texts as that seed above):
+#
+# 1. **fewer steps** (`CFG["ablation_steps"]`, 150 at `full`): KD's target is a whole distribution,
+#    most of whose mass is on tokens that are not the answer (" neutral", " not", " a"...). The
+#    student first learns the teacher's *average* answer distribution and only later what changes
+#    from one review to the next. Stopped early, it can lean heavily to one answer (watch the share of
+#    "positive" answers): a training failure that looks exactly like "KD does not work";
+# 2. **the reply up to the answer** instead of the answer position alone (`positions="reply"`);
+# 3. **T = 2** instead of 1.
+
+# %% id="ablation"
+ABLATION = {}
+first = CFG["seeds"][0]
+for label, kwargs in ((f"KD, {CFG['ablation_steps']} steps", {"steps": CFG["ablation_steps"]}),
+                      ("KD, reply positions up to the answer", {"positions": "reply"}),
+                      ("KD, T = 2", {"T": 2.0})):
+    _, _, secs, ev = train_and_score("kd", first, **kwargs)
+    ABLATION[label] = {**diagnose(ev), "seconds": secs}
+ABLATION[f"KD, {CFG['steps']} steps, answer position, T = {CFG['T']:g} (above)"] = {
+    **diagnose(EVALS[students.run_name("kd", first)]), "seconds": train_seconds[students.run_name("kd", first)]}
+ABLATION = pd.DataFrame(ABLATION).T
+display(ABLATION.style.format({c: "{:.3f}" for c in ABLATION.columns if c not in ("flag", "seconds")} | {"seconds": "{:.0f}"}))
 
 # %% [markdown] id="gap-idea"
 # **How good was the top-k approximation?** On the first `CFG["gap_texts"]` training texts we compare
 # your `topk_kd_loss` on the capture with your `kd_loss` on the teacher's *full* logits (recomputed
-# live), for the trained KD student, at the reply positions. The gap is what renormalising over the top-k changes in the loss
-# we actually optimised.
+# live), for the first KD student, at the reply positions. The gap is what renormalising over the top-k
+# changes in the loss we optimised.
 
 # %% id="topk-gap"
 gap_batch = training_batches(records[:CFG["gap_texts"]], CFG["gap_texts"])[0]
 with torch.no_grad():
-    s_logits, keep = reply_logits(trained["kd_student"], gap_batch)
+    s_logits, keep = reply_logits(trained[students.run_name("kd", first)], gap_batch)
     t_logits = teacher(input_ids=gap_batch["input_ids"], attention_mask=gap_batch["attention_mask"]).logits
     t_logits = t_logits[keep].unsqueeze(0).float()
     gap_labels = gap_batch["labels"][keep].unsqueeze(0)
@@ -1002,39 +1047,29 @@ print(f"mean covered mass at these reply positions: {reply_cover:.4f}")
 # %% [markdown] id="save-idea"
 # ## 7. Hand the students to lesson 4
 #
-# Both students are saved with `save_pretrained`, with the tokenizer, to
-# `artifact_dir(BUDGET)/kd_student` and `.../ce_student`. Their training record goes to
-# `students.json`. Lesson 4 loads them from there.
+# Every run is saved with `save_pretrained`, with the tokenizer, to `artifact_dir(BUDGET)/students/<arm>-seed<seed>`,
+# and its training record to `students.json` there (`students.save_students`: each folder swapped in
+# whole, the record last). Lesson 4 loads them from there and puts intervals on the comparison.
 
 # %% id="save"
-folder = artifact_dir(BUDGET)
-common = {"trained_by": "lesson 3 (03_kd_loss)", "budget": BUDGET, "steps": CFG["steps"],
-          "batch_size": CFG["batch_size"], "train_rows": len(records), "lr": CFG["lr"],
-          "teacher_layers": list(STUDENT_LAYERS), "params": STUDENT_PARAMS, "trainable_params": TRAINABLE,
-          "params_ratio": PARAM_RATIO, "frozen_embeddings": True, "positions": "assistant reply only",
-          "capture": CAPTURE_SOURCE, "gold_rows": len(gold)}
-meta = {
-    "kd_student": {**common, "loss": f"topk_kd_loss: {CFG['alpha']} * CE + {1 - CFG['alpha']} * T^2 * "
-                                     f"KL(teacher top-k renormalised || student), T={CFG['T']}, k={K}",
-                   "alpha": CFG["alpha"], "T": CFG["T"], "k": K},
-    "ce_student": {**common, "loss": "cross-entropy on the hard labels only", "alpha": 1.0, "T": None, "k": None},
-}
-for name, model in trained.items():
-    meta[name].update(first_train_loss=history[name][0], final_train_loss=history[name][-1],
-                      final_train_ce=float(np.mean(HARD_CE[name][-window:])),
-                      gold_accuracy=scores[name]["accuracy"], agreement_with_teacher=agreement[name],
-                      train_seconds=round(train_seconds[name], 1))
-    # write beside the target, then swap it in: lesson 4 never sees a half-written student
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-{name}-"))
-    tmp.chmod(0o755)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if (folder / name).exists():
-        shutil.rmtree(folder / name)
-    os.replace(tmp, folder / name)
-(folder / "students.json.tmp").write_text(json.dumps(meta, indent=1))
-os.replace(folder / "students.json.tmp", folder / "students.json")
-print(f"saved {', '.join(trained)} and students.json to {folder}")
+folder = students.students_folder(BUDGET)
+meta = {}
+for name in trained:
+    arm, seed = name.rsplit("-seed", 1)
+    meta[name] = {"arm": arm, "seed": int(seed), "trained_by": "lesson 3 (03_kd_loss)", "budget": BUDGET,
+                  "loss": (f"topk_kd_loss: {CFG['alpha']} * CE + {1 - CFG['alpha']} * T^2 * KL(teacher top-k "
+                           f"renormalised || student), T={CFG['T']}, k={K}; the KL alone where no label")
+                          if arm == "kd" else "cross-entropy on the hand labels",
+                  "positions": "answer", "labels": len(records) if arm == "ce_all" else CFG["labels"],
+                  "capture_texts": len(records), "capture": CAPTURE_SOURCE, "steps": CFG["steps"],
+                  "batch_size": CFG["batch_size"], "lr": CFG["lr"], "alpha": CFG["alpha"] if arm == "kd" else 1.0,
+                  "T": CFG["T"] if arm == "kd" else None, "k": K if arm == "kd" else None,
+                  "teacher_layers": list(STUDENT_LAYERS), "params": STUDENT_PARAMS, "trainable_params": TRAINABLE,
+                  "params_ratio": PARAM_RATIO, "frozen_embeddings": True,
+                  "first_train_loss": history[name][0], "final_train_loss": float(np.mean(history[name][-10:])),
+                  "gold_accuracy": EVALS[name]["gold"]["accuracy"], "train_seconds": round(train_seconds[name], 1)}
+students.save_students(trained, tok, meta, folder)
+print(f"saved {len(trained)} students and students.json to {folder}")
 
 # %% id="results"
 rows = [
@@ -1043,6 +1078,7 @@ rows = [
      "value": STUDENT_PARAMS, "unit": "params", "note": f"{TRAINABLE:,} trainable (embeddings frozen)"},
     {"quantity": "student / teacher parameters", "value": round(PARAM_RATIO, 4), "unit": "ratio"},
     {"quantity": "capture texts used", "value": len(records), "unit": "texts", "note": f"k = {K}, from {CAPTURE_SOURCE}"},
+    {"quantity": "hand-labelled texts (CE, few labels; KD)", "value": CFG["labels"], "unit": "texts"},
     {"quantity": "covered mass of the top-k, mean", "value": round(float(covered.mean()), 4), "unit": "probability"},
     {"quantity": f"soft-term gradient norm, T={T_HI:g} vs T=1, without T^2", "value": round(grad_ratio_without, 4),
      "unit": "ratio", "note": f"1/T^2 = {1 / T_HI ** 2:.4f}"},
@@ -1055,18 +1091,21 @@ for T, (full, topk) in TOPK_GAP.items():
                  "unit": "relative gap", "note": f"{topk:.4f} vs {full:.4f} nats (KD student, reply positions)"})
 for name, sec in STEP_TIMES.items():
     rows.append({"quantity": f"step time: {name}", "value": round(sec, 3), "unit": "s/step"})
-for name in ("kd_student", "ce_student"):
-    rows += [
-        {"quantity": f"{name}: final training hard-label CE", "value": round(meta[name]["final_train_ce"], 4),
-         "unit": "nats", "note": f"mean of the last {window} steps of {CFG['steps']}"},
-        {"quantity": f"{name}: training time", "value": round(train_seconds[name], 1), "unit": "s"},
-    ]
-for name in scores:
-    rows.append({"quantity": f"gold accuracy: {name}", "value": round(scores[name]["accuracy"], 4),
-                 "unit": "fraction", "note": f"{len(gold)} gold reviews"})
-for name in ("kd_student", "ce_student"):
-    rows.append({"quantity": f"agreement with the teacher: {name}", "value": round(agreement[name], 4), "unit": "fraction"})
-    rows.append({"quantity": f"mean |P(pos) - teacher's|: {name}", "value": round(p_gap[name], 4), "unit": "probability"})
+for split in ("gold", "novel"):
+    rows.append({"quantity": f"{split} accuracy: teacher", "value": round(TEACHER_EVAL[split]["accuracy"], 4),
+                 "unit": "fraction", "note": f"{len(gold if split == 'gold' else novel)} reviews"})
+    for arm in students.ARMS:
+        each = ", ".join(f"{EVALS[students.run_name(arm, s)][split]['accuracy']:.3f}" for s in CFG["seeds"])
+        rows.append({"quantity": f"{split} accuracy: {students.ARM_TITLES[arm]}, mean of seeds",
+                     "value": round(MEAN[arm][split], 4), "unit": "fraction", "note": f"seeds: {each}"})
+for name in EVALS:
+    rows.append({"quantity": f"agreement with the teacher: {name}", "value": round(DIAG.loc[name, "agreement with teacher"], 4),
+                 "unit": "fraction", "note": DIAG.loc[name, "flag"]})
+for label, r in ABLATION.iterrows():
+    rows.append({"quantity": f"ablation: {label}: gold accuracy", "value": round(r["gold accuracy"], 4), "unit": "fraction",
+                 "note": f"share positive {r['share positive']:.2f} {r['flag']}".strip()})
+rows.append({"quantity": "collapsed runs (share positive outside 0.2-0.8)", "value": len(COLLAPSED), "unit": "runs",
+             "note": ", ".join(COLLAPSED)})
 table = report.record_results("03_kd_loss", BUDGET, rows)
 table["value"] = [f"{int(v):,}" if isinstance(v, (int, float)) and float(v).is_integer() and abs(v) >= 1000
                   else f"{v:.4g}" if isinstance(v, (int, float)) else v for v in table["value"]]
@@ -1085,12 +1124,16 @@ table.fillna("")
 # - **Top-k distillation is an approximation with a stated rule:** renormalise the teacher over its k
 #   ids at temperature $T$, and read the student's full distribution at those ids. Its error grows with
 #   $T$ and shrinks with the covered mass. Measure it, as above.
-# - **Read the comparison honestly.** This is one run, one seed and one small gold set, on a one-layer
-#   student trained for minutes on a CPU. A difference of a few reviews is noise (lesson 4 puts
-#   confidence intervals on it). Whatever the accuracies, the agreement numbers show whether the
-#   student imitates the teacher, which is what KD asks for. Try more steps, another `alpha` or `T`,
-#   or distilling every position instead of only the reply. Each is a one-line change in `CFG` or
-#   `training_batches`.
+# - **What KD can pay for is the texts nobody labelled.** The arms differ only in what they learn
+#   from: where only a few texts are labelled, the capture gives the student a soft label for every
+#   other text, and the control shows what labels reach when every text has one. Compare the three in
+#   the table above (lesson 4 says whether the differences are more than noise). Then read the novel
+#   column: if the students stay far below the teacher there, they learned what the teacher said about
+#   the texts they were shown, not the teacher's general sense of sentiment.
+# - **Check that training worked before you conclude anything.** A student that answers "positive" to
+#   everything scores 0.5 on a balanced set and looks like "KD failed". The share-of-positive and
+#   agreement columns catch it; the fewer-steps ablation shows how easily it happens.
 #
 # Next, lesson 4 asks the question that decides whether any of this ships: how much of the teacher's
-# quality does the student keep, with what uncertainty, and at what size and speed?
+# quality does the student keep, with what uncertainty over gold reviews and seeds, and at what size
+# and speed?

@@ -1,4 +1,4 @@
-"""brewslm_helpers.students: lesson 4's load-or-train fallback for lesson 3's two students.
+"""brewslm_helpers.students: the arms of lesson 3 (a few labels against KD on the capture) and lesson 4's fallback.
 
 A tiny random Llama stands in for the teacher (same tokenizer and vocabulary), so the training
 path runs in seconds; the real layout, metadata and reload are exercised as lesson 4 uses them.
@@ -18,61 +18,101 @@ def tiny_teacher(tiny_llama_of):
     return tiny_llama_of(2)
 
 
-SMALL = dict(rows=4, batch_size=2, steps=2)
+SMALL = dict(rows=6, labels=2, seeds=[0, 1], steps=2, batch_size=2, k=4)
+RUNS = {students.run_name(arm, seed) for arm in students.ARMS for seed in (0, 1)}
 
 
 def test_missing_students_are_trained_saved_and_then_loaded(tmp_path, tiny_teacher, tok):
     assert not students.students_present(tmp_path)
-    pair = students.load_or_train_students("ci", teacher=tiny_teacher, tokenizer=tok,
+    made = students.load_or_train_students("ci", teacher=tiny_teacher, tokenizer=tok,
                                            folder=tmp_path, **SMALL)
-    assert pair.source == "trained" and "trained here" in pair.describe()
-    assert set(pair.models) == set(students.STUDENT_NAMES)
-    assert students.students_present(tmp_path)
+    assert made.source == "trained" and "trained here" in made.describe()
+    assert set(made.models) == RUNS and students.students_present(tmp_path)
     meta = json.loads((tmp_path / students.META_FILE).read_text())
-    assert set(meta) == set(students.STUDENT_NAMES)
-    for name in students.STUDENT_NAMES:
+    assert set(meta) == RUNS
+    for name in RUNS:
         assert meta[name]["steps"] == 2 and meta[name]["teacher_layers"] == [0]
-        assert meta[name]["params"] == pair.models[name].num_parameters()
+        assert meta[name]["params"] == made.models[name].num_parameters()
         assert (tmp_path / name / "tokenizer_config.json").exists()
-    assert meta["kd_student"]["alpha"] == 0.5 and meta["ce_student"]["alpha"] == 1.0
-    # same init and batches, different loss: the two students differ
-    kd, ce = (pair.models[n].model.layers[0].self_attn.q_proj.weight for n in students.STUDENT_NAMES)
-    assert not torch.equal(kd, ce)
+    assert meta["kd-seed0"]["alpha"] == 0.5 and meta["ce_few-seed0"]["alpha"] == 1.0
+    assert meta["ce_few-seed1"]["labels"] == 2 and meta["ce_all-seed1"]["labels"] == 6
+    assert made.runs("kd") == ["kd-seed0", "kd-seed1"]
+    # same init and steps, different arm or seed: different students
+    weights = {n: made.models[n].model.layers[0].self_attn.q_proj.weight for n in RUNS}
+    assert len({w.sum().item() for w in weights.values()}) == len(RUNS)
 
     again = students.load_or_train_students("ci", tokenizer=tok, folder=tmp_path)
     assert again.source == "loaded" and "loaded from" in again.describe()
-    assert again.meta["kd_student"]["steps"] == 2
-    for name in students.STUDENT_NAMES:
+    for name in RUNS:
         assert not again.models[name].training
-        for (k, a), (_, b) in zip(pair.models[name].state_dict().items(),
+        for (k, a), (_, b) in zip(made.models[name].state_dict().items(),
                                   again.models[name].state_dict().items()):
             assert torch.equal(a, b), (name, k)
 
 
-def test_half_present_pair_is_retrained(tmp_path, tiny_teacher, tok):
+def test_an_incomplete_set_is_retrained(tmp_path, tiny_teacher, tok):
     students.load_or_train_students("ci", teacher=tiny_teacher, tokenizer=tok, folder=tmp_path, **SMALL)
-    for f in (tmp_path / "ce_student").glob("*.safetensors"):
+    for f in (tmp_path / "kd-seed1").glob("*.safetensors"):
         f.unlink()
     assert not students.students_present(tmp_path)
-    pair = students.load_or_train_students("ci", teacher=tiny_teacher, tokenizer=tok,
+    made = students.load_or_train_students("ci", teacher=tiny_teacher, tokenizer=tok,
                                            folder=tmp_path, **SMALL)
-    assert pair.source == "trained" and students.students_present(tmp_path)
+    assert made.source == "trained" and students.students_present(tmp_path)
+    (tmp_path / students.META_FILE).write_text("{not json")
+    assert not students.students_present(tmp_path)
 
 
-def test_lesson3_layout_without_metadata_loads(tmp_path, tiny_teacher, tok):
-    for name in students.STUDENT_NAMES:
-        models.cut_student(tiny_teacher, [1]).save_pretrained(tmp_path / name)
-    pair = students.load_or_train_students("ci", tokenizer=tok, folder=tmp_path)
-    assert pair.source == "loaded" and pair.meta == {"kd_student": {}, "ce_student": {}}
-    assert "lesson 3" in pair.describe()
+def test_the_fallback_trains_what_lesson_3_trains():
+    """Lesson 3's CFG and the fallback's ARM_SIZES name the same sizes at both budgets."""
+    import re
+
+    from grader.lessons import find_lesson
+
+    text = find_lesson("03").source.read_text()
+    for budget, sizes in students.ARM_SIZES.items():
+        cfg = re.search(rf"{budget}=dict\((.*?)\),\n", text, re.S).group(1)
+        got = eval(f"dict({cfg})")  # noqa: S307 (the course's own source)
+        for key in ("k", "labels", "seeds", "steps", "batch_size", "lr", "alpha", "T"):
+            want = {"k": "capture_k"}.get(key, key)
+            assert got[want] == sizes[key], (budget, key, got[want], sizes[key])
+        assert got["n_texts"] == sizes["rows"], budget
+
+
+def test_trl_topk_kd_equals_the_lessons_loss(tok):
+    """The fallback's KL (TRL's generalized_jsd_loss on a dense row that is -1e4 off the top-k) is
+    lesson 3's top-k loss: the teacher renormalised over its k ids, the student's full softmax."""
+    import types
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 5, 50, generator=g)
+    ids = torch.stack([torch.randperm(50, generator=g)[:4] for _ in range(5)])[None]
+    lps = torch.log_softmax(torch.randn(1, 5, 4, generator=g), -1) - 0.3
+    labels = torch.randint(0, 50, (1, 5), generator=g)
+    captured = {}
+
+    def fake_train_arm(init, batches, arm, kd_loss, alpha, T, lr, seed):
+        captured["kd_loss"] = kd_loss
+        raise StopIteration
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(students, "train_arm", fake_train_arm)
+        mp.setattr(students, "capture_records", lambda *a, **k: [])
+        mp.setattr(students, "arm_batches", lambda *a, **k: [])
+        mp.setattr(students.models, "cut_student", lambda *a, **k: types.SimpleNamespace(
+            get_input_embeddings=lambda: torch.nn.Embedding(1, 1)))
+        with pytest.raises(StopIteration):
+            students.train_students(types.SimpleNamespace(eval=lambda: None), tok, "ci", rows=8)
+    for alpha, T in ((0.5, 1.0), (0.2, 2.0), (0.0, 4.0)):
+        got = captured["kd_loss"](logits, ids, lps, labels, alpha, T)
+        assert torch.allclose(got, _topk_kd(logits, ids, lps, labels, alpha, T), atol=1e-5), (alpha, T)
 
 
 def test_foreign_vocabulary_is_refused(tmp_path, tok):
     other = models.student_from_config(tok, hidden_size=16, num_layers=1, num_heads=1,
                                        num_kv_heads=1, intermediate_size=32)
     other.resize_token_embeddings(1000)
-    for name in students.STUDENT_NAMES:
-        other.save_pretrained(tmp_path / name)
+    other.save_pretrained(tmp_path / "kd-seed0")
+    (tmp_path / students.META_FILE).write_text(json.dumps({"kd-seed0": {"arm": "kd", "seed": 0}}))
     with pytest.raises(ValueError, match="tokenizer"):
         students.load_or_train_students("ci", tokenizer=tok, folder=tmp_path)
 
