@@ -320,6 +320,10 @@ _pt, _ps = [1, 0, 1, 1, 0, 1, 0, 1], [1, 1, 1, 1, 0, 1, 1, 1]
 p, low, high = paired_bootstrap_ci(_ps, _pt, n_boot=300, seed=0)
 assert math.isclose(p, 7 / 5) and low <= p <= high
 assert paired_bootstrap_ci(_ps, _ps, n_boot=300, seed=5) == (1.0, 1.0, 1.0)
+# per-example correctness averaged over seeds (fractions, as section 5 passes) is not rounded to bool
+_fs, _ft = np.array([1, 2 / 3, 1 / 3, 0, 1, 1 / 3]), np.array([1, 1, 1, 0, 1, 1.0])
+p, low, high = paired_bootstrap_ci(_fs, _ft, n_boot=500, seed=0)
+assert math.isclose(p, _fs.mean() / _ft.mean()) and low <= p <= high, (p, low, high)
 
 for bad in (([], []), ([1, 0], [1, 0, 1]), ([1, 1], [0, 0]), (np.ones((3, 2)), np.ones((3, 2)))):
     try:
