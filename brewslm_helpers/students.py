@@ -218,6 +218,9 @@ def arm_batches(records: list[dict], rows: list[dict], tokenizer, arm: str, labe
         rng.shuffle(chunk)
         order += chunk
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # each record's (reply start, answer position), found once (it tokenizes the prompt)
+    where = {i: (reply_start(tokenizer, rows[i], records[i]["input_ids"]),
+                 answer_position(tokenizer, rows[i], records[i]["input_ids"])) for i in set(order)}
     out = []
     for s in range(steps):
         idx = order[s * batch_size:(s + 1) * batch_size]
@@ -225,18 +228,17 @@ def arm_batches(records: list[dict], rows: list[dict], tokenizer, arm: str, labe
         hard = torch.zeros_like(batch["labels"], dtype=torch.bool)
         soft = torch.zeros_like(hard)
         for b, i in enumerate(idx):
-            seq = records[i]["input_ids"]
-            ans = answer_position(tokenizer, rows[i], seq)
+            start, ans = where[i]
             if i in labelled:
                 if positions == "answer":
                     hard[b, ans] = True
                 else:
-                    hard[b, reply_start(tokenizer, rows[i], seq) - 1:len(seq) - 1] = True
+                    hard[b, start - 1:len(records[i]["input_ids"]) - 1] = True
             elif arm == "kd":
                 if positions == "answer":
                     soft[b, ans] = True
                 else:
-                    soft[b, reply_start(tokenizer, rows[i], seq) - 1:ans + 1] = True
+                    soft[b, start - 1:ans + 1] = True
         batch.update(hard=hard, soft=soft)
         out.append(batch)
     return out
