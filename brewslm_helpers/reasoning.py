@@ -61,29 +61,33 @@ def target(row: dict, cot: bool = True) -> str:
     return format_trace(row["steps"], row["answer"]) if cot else f"Answer: {row['answer']}"
 
 
-# one worked example shown before every problem (a 1-shot prompt): the model as shipped ignores the
-# format when it is only described, and rambles past any token budget
+# one worked example shown before the problem (a 1-shot prompt): the model as shipped ignores the
+# format when it is only described, and rambles past any token budget. Fine-tuned models are prompted
+# without it (``shots=0``): they learned the format from their targets, and the prompt is half as long.
 EXAMPLE_QUESTION = "Zoe has 4 pens. She buys 3 more. Then she doubles the pile. How many pens does Zoe have now?"
 EXAMPLE_TRACE = "Step 1: 4 + 3 = 7\nStep 2: 7 * 2 = 14\nAnswer: 14"
 
 
-def messages(question: str) -> list[dict]:
-    """The conversation the model sees: the system message, one worked example (user and assistant
-    turns), then the problem."""
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": EXAMPLE_QUESTION},
-            {"role": "assistant", "content": EXAMPLE_TRACE}, {"role": "user", "content": question}]
+def messages(question: str, shots: int = 0) -> list[dict]:
+    """The conversation the model sees: the system message, with ``shots=1`` one worked example (user
+    and assistant turns), then the problem. ``shots`` is 0 or 1."""
+    if shots not in (0, 1):
+        raise ValueError(f"shots must be 0 or 1, got {shots!r}")
+    example = [{"role": "user", "content": EXAMPLE_QUESTION},
+               {"role": "assistant", "content": EXAMPLE_TRACE}] if shots else []
+    return [{"role": "system", "content": SYSTEM}, *example, {"role": "user", "content": question}]
 
 
-def sft_examples(rows: list[dict], cot: bool = True) -> list[dict]:
+def sft_examples(rows: list[dict], cot: bool = True, shots: int = 0) -> list[dict]:
     """TRL's conversational prompt/completion format; ``SFTTrainer`` puts the loss on the completion."""
-    return [{"prompt": messages(r["question"]),
+    return [{"prompt": messages(r["question"], shots),
              "completion": [{"role": "assistant", "content": target(r, cot)}]} for r in rows]
 
 
-def grpo_examples(rows: list[dict]) -> list[dict]:
+def grpo_examples(rows: list[dict], shots: int = 0) -> list[dict]:
     """``GRPOTrainer``'s data: a conversational ``prompt`` plus the gold ``answer`` (handed to the reward
     functions as a keyword argument)."""
-    return [{"prompt": messages(r["question"]), "answer": r["answer"]} for r in rows]
+    return [{"prompt": messages(r["question"], shots), "answer": r["answer"]} for r in rows]
 
 
 def format_ok(text: str) -> bool:
@@ -150,11 +154,12 @@ def corrupt(row: dict, rng: random.Random) -> dict:
 
 @torch.no_grad()
 def generate(model, tokenizer, questions: list[str], n: int = 1, temperature: float = 0.0,
-             max_new_tokens: int = 64, batch_size: int = 32, seed: int = 0,
+             max_new_tokens: int = 64, batch_size: int = 32, seed: int = 0, shots: int = 0,
              desc: str = "generate") -> list[list[str]]:
     """``n`` replies per question (greedy when ``temperature`` is 0, else sampled with that
     temperature, top-p 1), special tokens dropped. Returns one list of ``n`` strings per question.
-    ``batch_size`` counts sequences (a batch holds ``batch_size // n`` questions)."""
+    ``batch_size`` counts sequences (a batch holds ``batch_size // n`` questions); ``shots``: the
+    prompt (``messages``)."""
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     side = tokenizer.padding_side
@@ -164,7 +169,7 @@ def generate(model, tokenizer, questions: list[str], n: int = 1, temperature: fl
     out = []
     try:
         for start in tqdm(range(0, len(questions), per_batch), desc=desc):
-            texts = [tokenizer.apply_chat_template(messages(q), tokenize=False, add_generation_prompt=True)
+            texts = [tokenizer.apply_chat_template(messages(q, shots), tokenize=False, add_generation_prompt=True)
                      for q in questions[start:start + per_batch]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             sample = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 \
@@ -195,9 +200,9 @@ def step_end_chars(trace: str) -> list[int]:
 
 @torch.no_grad()
 def trace_features(model, tokenizer, questions: list[str], traces: list[str], layer: int = -1,
-                   batch_size: int = 16, desc: str = "features") -> list[torch.Tensor]:
+                   batch_size: int = 16, shots: int = 0, desc: str = "features") -> list[torch.Tensor]:
     """The model's hidden state (``layer`` of ``output_hidden_states``) at the end of each step of
-    each trace, and at its last character, with the problem as the prompt.
+    each trace, and at its last character, with the problem as the prompt (``messages(q, shots)``).
 
     Returns one float32 tensor per trace, ``(steps + 1, hidden)``: row k is the state on the token
     holding the last character of step k (``step_end_chars``), the last row the state on the trace's
@@ -210,7 +215,7 @@ def trace_features(model, tokenizer, questions: list[str], traces: list[str], la
         chunk = list(zip(questions[start:start + batch_size], traces[start:start + batch_size]))
         ids, where = [], []
         for q, t in chunk:
-            prompt = tokenizer.apply_chat_template(messages(q), tokenize=False, add_generation_prompt=True)
+            prompt = tokenizer.apply_chat_template(messages(q, shots), tokenize=False, add_generation_prompt=True)
             enc = tokenizer(prompt + t, add_special_tokens=False, return_offsets_mapping=True)
             offsets = enc["offset_mapping"]
             positions = []
@@ -397,15 +402,16 @@ def trl_grpo_loss(trainer, per_token_logps: torch.Tensor, old_per_token_logps: t
         trainer.model.train(was_training)
 
 
-def grpo_trainer(model, tokenizer, rows: list[dict], reward_funcs, peft_config=None, **config):
+def grpo_trainer(model, tokenizer, rows: list[dict], reward_funcs, peft_config=None, shots: int = 0, **config):
     """A TRL ``GRPOTrainer`` on this CPU around ``model`` for the problems ``rows``; ``reward_funcs``
     are TRL reward functions ``f(prompts, completions, answer, **kw) -> list[float]``. ``config`` goes
     to ``GRPOConfig`` (``num_generations``, ``per_device_train_batch_size`` (it counts completions),
-    ``max_completion_length``, ``beta``, ``loss_type``, ``max_steps``...)."""
+    ``max_completion_length``, ``beta``, ``loss_type``, ``max_steps``...); ``shots``: the prompt
+    (``messages``)."""
     check_trl_version()
     from trl import GRPOTrainer
 
     args = _cpu_grpo_config(seed=0, **config)
     return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args,
-                       train_dataset=Dataset.from_list(grpo_examples(rows)), processing_class=tokenizer,
+                       train_dataset=Dataset.from_list(grpo_examples(rows, shots)), processing_class=tokenizer,
                        peft_config=peft_config)

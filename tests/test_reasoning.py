@@ -72,6 +72,14 @@ def test_trace_format_and_parsing():
     ex = reasoning.sft_examples([row])[0]
     assert ex["prompt"][0]["content"] == reasoning.SYSTEM and ex["completion"][0]["content"] == trace
     assert reasoning.grpo_examples([row])[0]["answer"] == 14
+    # fine-tuned models are prompted zero-shot; the base model gets the worked example (1-shot)
+    assert [m["role"] for m in ex["prompt"]] == ["system", "user"] and ex["prompt"][1]["content"] == "q"
+    one_shot = reasoning.messages("q", shots=1)
+    assert [m["role"] for m in one_shot] == ["system", "user", "assistant", "user"]
+    assert one_shot[2]["content"] == reasoning.EXAMPLE_TRACE and one_shot[-1]["content"] == "q"
+    assert reasoning.grpo_examples([row], shots=1)[0]["prompt"] == one_shot
+    with pytest.raises(ValueError, match="shots"):
+        reasoning.messages("q", shots=2)
 
 
 def test_corrupt_injects_one_error_and_carries_it():

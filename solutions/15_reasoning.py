@@ -47,6 +47,7 @@ BUDGET = os.environ.get("BREWSLM_BUDGET", "full")
 # %% nbgrader={"grade": false, "grade_id": "setup", "locked": true, "schema_version": 3, "solution": false, "task": false}
 # %matplotlib inline
 import collections
+import copy
 import random
 import re
 import tempfile
@@ -77,9 +78,9 @@ CFG = budget.pick(
             gen_batch=16, rm_rows=4, bon_rows=2, bon_n=4, bon_draws=2, temperature=0.8,
             grpo_rows=4, grpo_steps=1, grpo_gens=2, grpo_batch=2, grpo_tokens=8, grpo_lr=1e-5, beta=0.04,
             tiny_grpo=True),
-    full=dict(test_rows=90, sft_rows=600, sft_steps=40, sft_batch=8, lr=1e-3, lora_r=16, max_new_tokens=48,
-              gen_batch=45, rm_rows=200, bon_rows=40, bon_n=16, bon_draws=20, temperature=0.8,
-              grpo_rows=200, grpo_steps=10, grpo_gens=4, grpo_batch=16, grpo_tokens=48, grpo_lr=2e-5,
+    full=dict(test_rows=90, sft_rows=600, sft_steps=16, sft_batch=8, lr=1e-3, lora_r=16, max_new_tokens=64,
+              gen_batch=45, rm_rows=80, bon_rows=20, bon_n=16, bon_draws=20, temperature=0.8,
+              grpo_rows=200, grpo_steps=6, grpo_gens=4, grpo_batch=8, grpo_tokens=64, grpo_lr=1e-4,
               beta=0.04, tiny_grpo=False),
 )
 BON_SIZES = [n for n in (1, 2, 4, 8, 16) if n <= CFG["bon_n"]]
@@ -107,7 +108,9 @@ print(f"{models.MODEL_NAME}: {model.num_parameters():,} parameters")
 # A model that memorised training sentences gains nothing there; it has to read the problem.
 # Why this task? The base model must be able to make *some* progress (a task it never solves gives
 # reinforcement learning nothing to reinforce) and must be far from perfect (or there is nothing to
-# learn). Section 3 measures where the base model stands.
+# learn). Section 3 measures where the base model stands: even with a worked example it solves few of
+# these problems, so GRPO with the verifier reward starts from the CoT-SFT model (section 10), which
+# solves enough of them for a group of samples to disagree.
 
 # %% [markdown]
 # ## 2. Answer extraction and the verifier
@@ -189,11 +192,15 @@ assert verify("", 0) is False and verify("Answer: 0", 0) is True
 # %% [markdown]
 # ## 3. The base model on the held-out problems
 #
-# The model as shipped gets the system message (which shows the step format and asks for a final
-# `Answer:` line) and each held-out problem, and we decode greedily. Two numbers per model, side by
-# side: **accuracy** (the verifier says correct; 95 % Wilson interval) and **format compliance**
-# (`reasoning.format_ok`: only `Step k: ... = n` lines, then one `Answer: n` line). They measure
-# different things, and the lesson ends on why that matters.
+# The model as shipped gets the system message (which describes the step format and asks for a final
+# `Answer:` line) and each held-out problem, and we decode greedily, twice: **0-shot** (the problem
+# alone) and **1-shot** (one worked example before it, `reasoning.messages(q, shots=1)`). Two numbers
+# per model, side by side: **accuracy** (the verifier says correct; 95 % Wilson interval) and
+# **format compliance** (`reasoning.format_ok`: only `Step k: ... = n` lines, then one `Answer: n`
+# line). They measure different things, and the lesson ends on why that matters.
+#
+# The fine-tuned models later in the lesson are prompted 0-shot: they learn the format from their
+# training targets, and the shorter prompt halves the cost of every training step and generation.
 
 # %%
 test_rows = reasoning.load_reasoning_data("test", CFG["test_rows"])
@@ -203,11 +210,12 @@ golds = [r["answer"] for r in test_rows]
 RESULTS = {}
 
 
-def evaluate(m, name):
-    """Greedy replies on the held-out problems, scored by the verifier; stored in RESULTS[name]."""
+def evaluate(m, name, shots=0):
+    """Greedy replies on the held-out problems, scored by the verifier; stored in RESULTS[name].
+    shots=1 shows the worked example first (the base model's prompt), 0 does not (fine-tuned models)."""
     start = time.perf_counter()
     replies = [r[0] for r in reasoning.generate(m, tok, questions, max_new_tokens=CFG["max_new_tokens"],
-                                                batch_size=CFG["gen_batch"], desc=name)]
+                                                batch_size=CFG["gen_batch"], shots=shots, desc=name)]
     correct = np.array([verify(t, g) for t, g in zip(replies, golds)])
     fmt = np.array([reasoning.format_ok(t) for t in replies])
     none = np.array([extract_answer(t) is None for t in replies])
@@ -221,17 +229,19 @@ def evaluate(m, name):
 
 print(f"{len(test_rows)} held-out problems, levels {collections.Counter(r['level'] for r in test_rows)}")
 print("example:", test_rows[0]["question"], "->", golds[0])
-base = evaluate(model, "base")
+base0 = evaluate(model, "base (0-shot)", shots=0)
+base = evaluate(model, "base (1-shot)", shots=1)
 by_level = pd.Series(base["correct"]).groupby([r["level"] for r in test_rows]).mean()
 print("base accuracy by level:", by_level.round(3).to_dict())
+print(f"a 0-shot reply: {base0['replies'][0][:200]!r}")
 for text, gold in list(zip(base["replies"], golds))[:3]:
     print(f"\n--- gold {gold}, extracted {extract_answer(text)!r}\n{text[:300]}")
 
 # %% [markdown]
 # ## 4. Chain-of-thought SFT against answer-only SFT, on the same budget
 #
-# Two LoRA adapters on the same base model, with the same prompts, problems, steps, batch size and
-# learning rate (TRL `SFTTrainer`, loss on the reply only). They differ only in the target:
+# Two LoRA adapters on the same base model, with the same (0-shot) prompts, problems, steps, batch size
+# and learning rate (TRL `SFTTrainer`, loss on the reply only). They differ only in the target:
 # - **answer-only**: `Answer: 14`;
 # - **chain of thought (CoT)**: the worked trace, then the answer line.
 #
@@ -251,7 +261,7 @@ sft_rows = train_rows[:CFG["sft_rows"]]
 
 def sft(cot, name):
     """A fresh copy of the base model fine-tuned with LoRA on the CoT or answer-only targets."""
-    m, _ = models.load_teacher()
+    m = copy.deepcopy(model)  # the base weights, untouched by the other run
     args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="brewslm-15-"), use_cpu=True, bf16=False,
                      gradient_checkpointing=False, seed=0, max_steps=CFG["sft_steps"],
                      per_device_train_batch_size=CFG["sft_batch"], learning_rate=CFG["lr"],
@@ -286,7 +296,7 @@ D_COT = reasoning.paired_bootstrap(cot["correct"], answer_only["correct"])
 print(f"\nCoT - answer-only, paired over {len(golds)} problems: {D_COT[0]:+.3f} [{D_COT[1]:+.3f}, {D_COT[2]:+.3f}]")
 levels = [r["level"] for r in test_rows]
 table = pd.DataFrame({name: pd.Series(RESULTS[name]["correct"]).groupby(levels).mean()
-                      for name in ("base", "answer-only SFT", "CoT SFT")})
+                      for name in ("base (1-shot)", "answer-only SFT", "CoT SFT")})
 table.index.name = "level"
 display(table.round(3))
 print(f"a CoT reply: {cot['replies'][0]!r}")
@@ -355,6 +365,11 @@ assert step_labels([0, 1], [0, 1]) == [1, 1]
 #   A trace's score is its **weakest step**, the minimum over steps of P(step correct).
 # - **ORM**: the same kind of head on the state at the trace's last token, trained on whether the
 #   final answer is right.
+#
+# TRL's `RewardTrainer`, which remains, would fine-tune a whole sequence classifier on chosen/rejected
+# pairs for the ORM. We do not use it on purpose: with the same frozen-feature head for both, the PRM
+# and the ORM differ only in their labels (one per step against one per trace), a like-for-like
+# comparison, and each costs one forward pass per trace instead of a training run.
 #
 # Both see the same traces: for each training problem the correct trace and one with an injected error.
 # The PRM gets a label per step, the ORM one per trace. We check each on traces of *held-out* problems
@@ -446,14 +461,18 @@ assert majority_vote([1, 2, 3]) == 1
 # ## 7. Best-of-N: PRM vs ORM vs majority vote vs random
 #
 # For each held-out problem we sample `bon_n` traces from the CoT model (temperature
-# `CFG["temperature"]`) and ask four selectors to pick one answer from the first N of them:
+# `CFG["temperature"]`) and ask four selectors, and an oracle, to pick one answer from N of them:
 # - **random**: any one sample (its expected accuracy is the mean accuracy of single samples);
 # - **majority vote**: your `majority_vote` over the N extracted answers;
 # - **ORM**: the sample with the highest outcome score;
-# - **PRM**: the sample whose weakest step scores highest (a sample with no step gets 0).
+# - **PRM**: the sample whose weakest step scores highest (a sample with no step gets 0);
+# - **oracle**: right if *any* of the N samples is right (the verifier itself as the selector, which
+#   no deployed system has on new problems): the ceiling that a perfect reward model would reach.
 #
 # Each point averages `bon_draws` random subsets of size N out of the samples, and its interval is a
-# bootstrap over problems. N = 1 is the same for every selector: one sample.
+# bootstrap over problems. N = 1 is the same for every selector: one sample. The gap between the oracle
+# and a selector is what that selector fails to recover; read it next to the reward models' AUCs in
+# section 5 (an AUC near 0.5 cannot pick the right sample, however many there are).
 
 # %%
 bon_rows = test_rows[:CFG["bon_rows"]]
@@ -473,7 +492,8 @@ print(f"{len(flat_t)} samples in {SAMPLE_SECONDS:.0f} s; single-sample accuracy 
       f"problems with at least one right sample: {right.any(1).mean():.3f}")
 
 draw_rng = np.random.default_rng(0)
-BON = {k: {} for k in ("random", "majority vote", "ORM", "PRM")}
+BON = {k: {} for k in ("random", "majority vote", "ORM", "PRM", "oracle (the verifier picks)")}
+PER_PROBLEM = {k: {} for k in BON}  # accuracy per problem, averaged over the draws
 for n in BON_SIZES:
     per_problem = {k: np.zeros(len(bon_rows)) for k in BON}
     for _ in range(CFG["bon_draws"]):
@@ -483,20 +503,25 @@ for n in BON_SIZES:
             per_problem["majority vote"][i] += majority_vote([answers[i][j] for j in pick]) == r["answer"]
             per_problem["ORM"][i] += right[i, pick[np.argmax(orm_scores[i, pick])]]
             per_problem["PRM"][i] += right[i, pick[np.argmax(prm_scores[i, pick])]]
+            per_problem["oracle (the verifier picks)"][i] += right[i, pick].any()
     for k in BON:
-        BON[k][n] = reasoning.bootstrap_mean(per_problem[k] / CFG["bon_draws"])
+        PER_PROBLEM[k][n] = per_problem[k] / CFG["bon_draws"]
+        BON[k][n] = reasoning.bootstrap_mean(PER_PROBLEM[k][n])
 fig, ax = plots.new_axes(f"best-of-N on {len(bon_rows)} held-out problems", "N (samples)", "accuracy")
-for k, style in zip(BON, ("C7", "C2", "C1", "C0")):
+for k, style in zip(BON, ("C7", "C2", "C1", "C0", "k")):
     means = [BON[k][n][0] for n in BON_SIZES]
     ax.errorbar(BON_SIZES, means, yerr=[[m - BON[k][n][1] for m, n in zip(means, BON_SIZES)],
                                         [BON[k][n][2] - m for m, n in zip(means, BON_SIZES)]],
                 marker="o", capsize=3, label=k, color=style)
 ax.set_xscale("log", base=2)
 ax.set_xticks(BON_SIZES, [str(n) for n in BON_SIZES])
-ax.axhline(right.any(1).mean(), ls=":", color="k", label=f"oracle at N={CFG['bon_n']}")
-ax.legend()
+ax.legend(fontsize=8)
 plt.show()
 display(pd.DataFrame({k: {n: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for n, v in BON[k].items()} for k in BON}))
+N_BIG = 8 if 8 in BON_SIZES else max(BON_SIZES)
+D_BON = {k: reasoning.paired_bootstrap(PER_PROBLEM[k][N_BIG], PER_PROBLEM[k][1]) for k in BON}
+for k, (d, lo, hi) in D_BON.items():
+    print(f"{k:28s} best-of-{N_BIG} minus best-of-1: {d:+.3f} [{lo:+.3f}, {hi:+.3f}] (paired over problems)")
 
 # %% [markdown]
 # ## 8. GRPO: group-relative advantages
@@ -691,16 +716,18 @@ assert float(grpo_loss(lp, lp, rf, zero_adv, torch.ones(3, 5), beta=1.0)) > 0
 # `beta > 0` it needs a reference, which with LoRA is the model with the adapter switched off; and
 # `per_device_train_batch_size` counts **completions** (16 = 4 prompts × 4 generations).
 #
-# We start from the CoT model (merged) with a fresh LoRA adapter, `loss_type="grpo"`, β = `CFG["beta"]`,
-# and run the same number of steps twice:
-# 1. **verifier reward**: 1 if `verify(completion, answer)`, else 0;
+# Two runs with the same settings and budget (a fresh LoRA adapter, `loss_type="grpo"`,
+# β = `CFG["beta"]`, the same steps, groups, learning rate and problems), different rewards:
+# 1. **verifier reward**, from the CoT model (merged), 0-shot: 1 if `verify(completion, answer)`, else 0;
 # 2. **format-only reward** (the control): 1 if the completion is well formed (`reasoning.format_ok`),
-#    whatever the answer.
+#    whatever the answer. It starts from the **base model, 1-shot**, because a control must have room
+#    to show its effect: the CoT model already writes the format nearly always (section 4's table),
+#    while the base model often does not, and answers few problems right.
 #
-# Both runs are scored by the verifier on the held-out problems. The control is there because a
-# reward that can be earned by formatting will be: format compliance rises, and only the verifier
-# shows whether the answers did. (At `ci` budget the runs use a tiny random Llama, to exercise the code
-# path in seconds.)
+# Each run is scored by the verifier on the held-out problems against the model it started from.
+# The control is there because a reward that can be earned by formatting will be: format compliance
+# rises, and only the verifier shows whether the answers did. (At `ci` budget the runs use a tiny
+# random Llama, to exercise the code path in seconds.)
 
 # %%
 def completion_text(completion):
@@ -718,16 +745,16 @@ def format_reward(prompts, completions, **kwargs):
 grpo_rows = train_rows[-CFG["grpo_rows"]:]
 
 
-def grpo_run(reward, name):
+def grpo_run(reward, start_model, shots, name):
+    """A GRPO run with LoRA on a copy of start_model (a tiny random Llama at ci), prompted with shots."""
     if CFG["tiny_grpo"]:
         policy = models.student_from_config(tok, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
                                             intermediate_size=128, seed=0)
     else:
-        policy, _ = models.load_teacher()
-        policy.load_state_dict(cot_model.state_dict())  # start from the merged CoT model
+        policy = copy.deepcopy(start_model)
     lora = LoraConfig(**{**LORA, "r": 8, "lora_alpha": 16})
     trainer = reasoning.grpo_trainer(
-        policy, tok, grpo_rows, [reward], peft_config=lora, loss_type="grpo", beta=CFG["beta"],
+        policy, tok, grpo_rows, [reward], peft_config=lora, shots=shots, loss_type="grpo", beta=CFG["beta"],
         num_generations=CFG["grpo_gens"], per_device_train_batch_size=CFG["grpo_batch"],
         max_completion_length=CFG["grpo_tokens"], temperature=CFG["temperature"], learning_rate=CFG["grpo_lr"],
         max_steps=CFG["grpo_steps"], logging_steps=1, disable_tqdm=False)
@@ -735,14 +762,21 @@ def grpo_run(reward, name):
     trainer.train()
     seconds = (time.perf_counter() - start) / CFG["grpo_steps"]
     logs = [h for h in trainer.state.log_history if "reward" in h]
+    zero_std = [h.get("frac_reward_zero_std", float("nan")) for h in logs]
+    # how far the policy moved: LoRA's B starts at zero, so its norm is the adapter's size; TRL logs
+    # the per-token KL to the reference (the adapter switched off) at each step when beta > 0
+    kl = [f"{h.get('kl', 0.0):.1e}" for h in logs]
+    lora_b = torch.sqrt(sum((p.detach() ** 2).sum() for n, p in trainer.model.named_parameters()
+                            if "lora_B" in n)).item()
     print(f"{name}: {CFG['grpo_steps']} steps, {seconds:.1f} s/step; mean reward per step "
-          f"{[round(h['reward'], 2) for h in logs]}; zero-std groups "
-          f"{[round(h.get('frac_reward_zero_std', float('nan')), 2) for h in logs]}")
+          f"{[round(h['reward'], 2) for h in logs]}; zero-std groups {[round(z, 2) for z in zero_std]} "
+          f"(mean {np.mean(zero_std):.2f}); KL to the start per step {kl}; "
+          f"|LoRA B| {lora_b:.2e}")
     return trainer.model.merge_and_unload().eval(), logs, seconds
 
 
-grpo_model, grpo_logs, GRPO_STEP_S = grpo_run(verifier_reward, "GRPO, verifier reward")
-control_model, control_logs, CONTROL_STEP_S = grpo_run(format_reward, "GRPO, format-only reward")
+grpo_model, grpo_logs, GRPO_STEP_S = grpo_run(verifier_reward, cot_model, 0, "GRPO from CoT SFT, verifier reward")
+control_model, control_logs, CONTROL_STEP_S = grpo_run(format_reward, model, 1, "GRPO from base, format-only reward")
 fig, ax = plots.new_axes("GRPO training reward (per step)", "step", "mean reward of the batch")
 ax.plot([h["reward"] for h in grpo_logs], marker="o", label="verifier reward (correct answer)")
 ax.plot([h["reward"] for h in control_logs], marker="o", label="format-only reward")
@@ -751,14 +785,21 @@ ax.legend()
 plt.show()
 
 # %%
-grpo = evaluate(grpo_model, "CoT SFT + GRPO")
-control = evaluate(control_model, "CoT SFT + GRPO (format-only)")
+grpo = evaluate(grpo_model, "CoT SFT + GRPO", shots=0)
+control = evaluate(control_model, "base + GRPO (format-only)", shots=1)
 d_grpo = reasoning.paired_bootstrap(grpo["correct"], cot["correct"])
-d_control = reasoning.paired_bootstrap(control["correct"], cot["correct"])
-f_control = reasoning.paired_bootstrap(control["format"], cot["format"])
-print(f"GRPO (verifier) - CoT SFT accuracy: {d_grpo[0]:+.3f} [{d_grpo[1]:+.3f}, {d_grpo[2]:+.3f}]")
-print(f"GRPO (format)   - CoT SFT accuracy: {d_control[0]:+.3f} [{d_control[1]:+.3f}, {d_control[2]:+.3f}]; "
+f_grpo = reasoning.paired_bootstrap(grpo["format"], cot["format"])
+d_control = reasoning.paired_bootstrap(control["correct"], base["correct"])
+f_control = reasoning.paired_bootstrap(control["format"], base["format"])
+print(f"GRPO (verifier) - CoT SFT:      accuracy {d_grpo[0]:+.3f} [{d_grpo[1]:+.3f}, {d_grpo[2]:+.3f}]; "
+      f"format compliance {f_grpo[0]:+.3f} [{f_grpo[1]:+.3f}, {f_grpo[2]:+.3f}]")
+print(f"GRPO (format) - base (1-shot):  accuracy {d_control[0]:+.3f} [{d_control[1]:+.3f}, {d_control[2]:+.3f}]; "
       f"format compliance {f_control[0]:+.3f} [{f_control[1]:+.3f}, {f_control[2]:+.3f}]")
+for after, before, label in [("CoT SFT + GRPO", "CoT SFT", "verifier run"),
+                             ("base + GRPO (format-only)", "base (1-shot)", "format-only run")]:
+    changed = sum(a != b for a, b in zip(RESULTS[after]["replies"], RESULTS[before]["replies"]))
+    print(f"{label}: {changed} of {len(golds)} greedy held-out replies differ from {before}'s"
+          + (" (ci: the policy was a tiny random Llama, not a copy of it)" if CFG["tiny_grpo"] else ""))
 
 names = list(RESULTS)
 summary = pd.DataFrame({
@@ -778,6 +819,23 @@ ax.set_title(f"held-out problems (n = {len(golds)})")
 ax.grid(alpha=0.3, axis="y")
 ax.legend()
 plt.show()
+
+# %% [markdown]
+# **Reading the two runs.** Look at four printed things, not at the training reward alone:
+# - the **zero-std groups** per step: a group of `grpo_gens` samples that are all right or all wrong
+#   has zero advantage everywhere and contributes nothing but the KL term. The verifier run wastes
+#   every such group; the format-only control has fewer (compare the printed means), because the
+#   format is easy to hit sometimes and miss sometimes. A dense, easy reward gives more gradient than
+#   a sparse, correct one; that is exactly why it is tempting;
+# - **whether the policy moved at all**, before reading "no change" as a finding: the KL to the
+#   starting model and the adapter's size (LoRA's B starts at zero) say how far training went, and
+#   the count of held-out greedy replies that differ says whether that was enough to change a single
+#   argmax. A run whose KL is ~0 did not train; one that moved but changed no reply was too short;
+# - the **paired differences** against each run's starting model, accuracy and format side by side:
+#   a format reward can move format compliance while accuracy stays put or falls;
+# - the interval: a handful of steps on two prompts per step is a small nudge, and an interval that
+#   covers 0 says "no measurable change", not "GRPO does not work". The papers' gains come from
+#   hundreds of steps with groups of 8 to 64.
 
 # %% [markdown]
 # **Seconds per GRPO step.** Each step above generated `grpo_batch` completions of up to
@@ -809,8 +867,10 @@ rows += [
      "note": f"paired, 95% [{D_COT[1]:+.3f}, {D_COT[2]:+.3f}]"},
     {"quantity": "GRPO (verifier) - CoT SFT", "value": round(d_grpo[0], 3), "unit": "accuracy",
      "note": f"paired, 95% [{d_grpo[1]:+.3f}, {d_grpo[2]:+.3f}]"},
-    {"quantity": "GRPO (format-only) - CoT SFT", "value": round(d_control[0], 3), "unit": "accuracy",
-     "note": f"paired, 95% [{d_control[1]:+.3f}, {d_control[2]:+.3f}]; format {f_control[0]:+.3f}"},
+    {"quantity": "GRPO (format-only) - base (1-shot)", "value": round(d_control[0], 3), "unit": "accuracy",
+     "note": f"paired, 95% [{d_control[1]:+.3f}, {d_control[2]:+.3f}]"},
+    {"quantity": "GRPO (format-only) - base (1-shot)", "value": round(f_control[0], 3), "unit": "format compliance",
+     "note": f"paired, 95% [{f_control[1]:+.3f}, {f_control[2]:+.3f}]"},
     {"quantity": "PRM step AUC (held-out injected errors)", "value": round(PRM_AUC, 3), "unit": "AUC", "note": ""},
     {"quantity": "ORM outcome AUC (held-out injected errors)", "value": round(ORM_AUC, 3), "unit": "AUC", "note": ""},
 ]
@@ -820,6 +880,9 @@ for k in BON:
             m_, lo_, hi_ = BON[k][n]
             rows.append({"quantity": f"best-of-{n}: {k}", "value": round(m_, 3), "unit": "accuracy",
                          "note": f"{len(bon_rows)} problems, 95% [{lo_:.3f}, {hi_:.3f}]"})
+    d, lo, hi = D_BON[k]
+    rows.append({"quantity": f"best-of-{N_BIG} - best-of-1: {k}", "value": round(d, 3), "unit": "accuracy",
+                 "note": f"paired over problems, 95% [{lo:+.3f}, {hi:+.3f}]"})
 rows += [
     {"quantity": "SFT time (answer-only, CoT)", "value": f"{answer_seconds:.0f}, {cot_seconds:.0f}", "unit": "s",
      "note": f"{CFG['sft_steps']} steps x {CFG['sft_batch']}, LoRA r={CFG['lora_r']}, shared 2-core CPU"},
@@ -841,13 +904,17 @@ report.record_results("15_reasoning", BUDGET, rows)
 # - **Chain of thought buys computation with tokens.** The CoT model writes intermediate results it
 #   can condition on; the answer-only model must do every step in one forward pass. Read the paired
 #   interval, not the two accuracies, to decide whether the difference is real.
-# - **Process supervision pays where steps fail.** A PRM scores each step, so it can pick the one
-#   sample whose steps all hold. Its labels here came free from the generator; in the wild they are
-#   the expensive part, and labelling "in the generator's order" misjudges correct alternative solutions.
+# - **A reward model is only as useful as its ranking.** A PRM scores each step, so in principle it can
+#   pick the one sample whose steps all hold; in practice best-of-N gains only what the ranking
+#   allows, whatever N is. The oracle line shows what the samples hold; each selector's best-of-8
+#   minus best-of-1 (paired interval) shows how much of it a linear probe on frozen features
+#   recovers. The AUCs were measured on injected errors, not on the model's own mistakes, so two
+#   reward models with the same AUC can rank the model's samples very differently. Step labels came free from the generator here; in the wild they are the expensive part,
+#   and labelling "in the generator's order" misjudges correct alternative solutions.
 # - **GRPO is REINFORCE with a group baseline, a clip and a KL leash.** The group-relative advantage
 #   needs no value network; a group whose rewards are all equal teaches nothing, so a task the
 #   model always (or never) solves gives it nothing to learn from. A few CPU steps move little:
 #   report what the run measured, with its interval, and not what the papers measured at a thousand times the compute.
-# - **Honest caveats.** One seed, template-generated problems, a linear-probe reward model on frozen
-#   features, a few GRPO steps. The held-out split differs in names, objects and phrasings, not in
+# - **Honest caveats.** One seed, template-generated problems, a base model that solves few of them,
+#   a linear-probe reward model on frozen features, a few GRPO steps on two prompts each. The held-out split differs in names, objects and phrasings, not in
 #   kind of reasoning.
