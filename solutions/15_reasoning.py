@@ -342,7 +342,8 @@ assert step_labels([17, 14], [17, 14]) == [1, 1]
 assert step_labels([17, 15], [17, 14]) == [1, 0]
 assert step_labels([18, 15], [17, 14]) == [0, 0], "a step built on a wrong value is incorrect"
 assert step_labels([], [17, 14]) == []
-assert all(isinstance(x, int) for x in step_labels([17, 15], [17, 14]))
+assert all(isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in step_labels([17, 15], [17, 14])), \
+    "labels are the ints 1 and 0, not bools (a bool tensor of targets breaks the reward head's loss)"
 print("step_labels: OK")
 ### BEGIN HIDDEN TESTS
 # a later step that happens to hit the gold value after an earlier error is still incorrect
