@@ -193,14 +193,15 @@ class RunResult:
 def train(model, data: dict[str, list[Example]], schedule: list[list[tuple[str, int]]], pad_id: int,
           lr: float = 1e-3, eval_sets: dict[str, list[Example]] | None = None,
           eval_every: int | None = None, combine: str = "sum", seed: int = 0,
-          desc: str = "train", progress: bool = True) -> RunResult:
+          desc: str = "train", progress: bool = True, eval_at_start: bool = True) -> RunResult:
     """Run ``schedule`` (one AdamW step per entry) on ``model``; returns a ``RunResult``.
 
     Each step's loss is the mean over its examples of their mean answer NLL. ``combine="pcgrad"``
     takes one gradient per task present in the step (the mean over that task's examples, times its
     share of the batch, so that with no conflict it equals the plain step) and combines them with
     ``pcgrad``. Gradients are clipped to norm 1. ``eval_sets`` are evaluated every ``eval_every``
-    steps (and at the end).
+    steps (and at the end); ``eval_at_start=False`` skips the step-0 evaluation (when every run
+    starts from the same model, score it once outside).
     """
     if combine not in ("sum", "pcgrad"):
         raise ValueError(f"combine must be 'sum' or 'pcgrad', got {combine!r}")
@@ -218,7 +219,7 @@ def train(model, data: dict[str, list[Example]], schedule: list[list[tuple[str, 
             result.final[task] = ev
 
     start = time.perf_counter()
-    if eval_every:
+    if eval_every and eval_at_start:
         run_eval(0)
     for step, entries in enumerate(tqdm(schedule, desc=desc, disable=not progress), start=1):
         examples = [data[t][i] for t, i in entries]

@@ -44,14 +44,18 @@
 # the plain summed gradient, and a curriculum A/B against a random order and a "random curriculum"
 # control at the same budget.
 #
-# **Which model, and why.** The experiments below are some 40 training runs, several seeds per arm.
-# One LoRA step of the full SmolLM2-135M-Instruct is timed in section 1 next to one step of the
-# small model: at the full model's rate the runs would take hours on 2 CPU cores, far beyond this
-# lesson's 15-minute budget. So we train a **small Llama that shares SmolLM2's tokenizer**, built
-# from a config (`models.student_from_config`: 2 layers, hidden size 128, 6.6 M parameters, most of
-# them the tied token embeddings), from scratch. All its parameters are shared by the three tasks.
-# The lesson is about the *method* (mixing, interference, a fair A/B); section 1 shows what the
-# same method would cost on the real model.
+# **Which model, and why.** Sections 4 and 5 are some 25 training runs of up to 50 steps, three
+# tasks each. One LoRA step of the full SmolLM2-135M-Instruct is timed in section 1 next to one step
+# of a small model, at the training batch size: at the full model's rate those runs would not fit
+# this lesson's 15-minute budget on 2 CPU cores. So the mixing and interference experiments train a
+# **small Llama that shares SmolLM2's tokenizer**, built from a config (`models.student_from_config`:
+# 2 layers, hidden size 128, 6.6 M parameters, most of them the tied token embeddings), from
+# scratch; all its parameters are shared by the three tasks. It learns the two classification tasks
+# in a few dozen steps, but **not addition**: from scratch, a model this size needs thousands of
+# steps for multi-digit sums (the held-out answer loss stays near ln 10, a uniform guess over
+# digits). An order A/B on a model that learns nothing can show nothing, so the curriculum A/B
+# (section 8) trains **LoRA on the real model**, which starts at 20 % exact match on the sums and
+# learns fast: 15 short runs, affordable there.
 
 # %% tags=["parameters"]
 import os
@@ -59,6 +63,7 @@ BUDGET = os.environ.get("BREWSLM_BUDGET", "full")
 
 # %% nbgrader={"grade": false, "grade_id": "setup", "locked": true, "schema_version": 3, "solution": false, "task": false}
 # %matplotlib inline
+import copy
 import math
 import time
 import warnings
@@ -72,6 +77,7 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
+from tqdm.auto import tqdm
 
 from brewslm_helpers import budget, models, multitask, report
 
@@ -82,10 +88,10 @@ CFG = budget.pick(
     BUDGET,
     ci=dict(batch_size=8, mix_steps=6, mix_seeds=2, eval_every=3, eval_rows=24,
             T=3.0, warmup_steps=2, grad_rows=8, pcgrad_steps=4, pcgrad_seeds=2,
-            ab_steps=6, ab_seeds=2, ab_eval_rows=24, c0=0.2, lr=3e-3),
+            ab_steps=4, ab_seeds=2, ab_eval_rows=24, c0=0.2, lr=3e-3, lora_lr=3e-3),
     full=dict(batch_size=16, mix_steps=50, mix_seeds=5, eval_every=10,
               eval_rows=None, T=3.0, warmup_steps=10, grad_rows=48, pcgrad_steps=40,
-              pcgrad_seeds=2, ab_steps=80, ab_seeds=5, ab_eval_rows=None, c0=0.2, lr=3e-3),
+              pcgrad_seeds=2, ab_steps=40, ab_seeds=5, ab_eval_rows=None, c0=0.2, lr=3e-3, lora_lr=3e-3),
 )
 TASKS = multitask.TASKS
 
@@ -115,9 +121,11 @@ overview = pd.DataFrame({
 display(overview)
 print(f"imbalance: the largest task has {max(SIZES) / min(SIZES):.0f}x the rows of the smallest")
 
-# the small model; what one step costs, next to a LoRA step on the full model (same 3-example batch)
+# the small model; what one step costs, next to a LoRA step on the full model (the same batch of
+# `batch_size` examples, a few of each task, as the training runs use)
 probe = multitask.make_model(tok, seed=0)
-batch = multitask.make_batch([train_data[t][0] for t in TASKS], PAD)
+batch = multitask.make_batch([train_data[t][i] for i in range(CFG["batch_size"] // len(TASKS) + 1)
+                              for t in TASKS][:CFG["batch_size"]], PAD)
 
 
 def step_seconds(model, params, repeats=3, warmup=True):
@@ -137,18 +145,20 @@ def step_seconds(model, params, repeats=3, warmup=True):
 SMALL_STEP = step_seconds(probe, multitask.shared_parameters(probe))
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-lora_teacher = get_peft_model(models.load_teacher()[0], LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+BASE = models.load_teacher()[0]  # kept: section 8 trains LoRA adapters on copies of it
+LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+lora_teacher = get_peft_model(copy.deepcopy(BASE), LoraConfig(**LORA))
 multitask.answer_losses(lora_teacher.base_model.model, batch)[0].mean().backward()
 LORA_A_ZERO = np.mean([float(p.grad.abs().max()) == 0 for n, p in lora_teacher.named_parameters() if "lora_A" in n])
 lora_teacher.zero_grad()
 LORA_STEP = step_seconds(lora_teacher.base_model.model, [p for p in lora_teacher.parameters() if p.requires_grad],
-                         repeats=1, warmup=False)  # the backward above was its warm-up
+                         repeats=2, warmup=False)  # the backward above was its warm-up
 del lora_teacher
 N_SHARED = sum(p.numel() for p in multitask.shared_parameters(probe))
 print(f"small model: {multitask.MODEL_SIZE}, {N_SHARED:,} shared (trainable) parameters; "
       f"one step of {batch['input_ids'].shape[0]} examples: {SMALL_STEP:.3f} s")
 print(f"LoRA (r=8) on the full {models.MODEL_NAME}, same batch: {LORA_STEP:.2f} s per step "
-      f"= {LORA_STEP / SMALL_STEP:.0f}x slower")
+      f"= {LORA_STEP / SMALL_STEP:.1f}x slower")
 print(f"LoRA at init (B = 0): {LORA_A_ZERO:.0%} of the lora_A matrices get an all-zero gradient")
 
 # %% [markdown]
@@ -403,12 +413,27 @@ for task in TASKS:
                      "95% low": low, "95% high": high,
                      "per seed": " ".join(f"{d:+.3f}" for d in diffs)})
 MIX_DIFF = pd.DataFrame(mix_rows).set_index("task")
+loss_rows = []  # the same comparison on the held-out answer loss (nats/token, lower is better): it
+for task in TASKS:  # moves even where exact match sits at 0 or 1
+    diffs = [a.final[task]["loss"] - b.final[task]["loss"] for a, b in zip(mix_runs[temp_arm], mix_runs["proportional"])]
+    mean, low, high = multitask.t_interval(diffs)
+    loss_rows.append({"task": task, "proportional": np.mean([r.final[task]["loss"] for r in mix_runs["proportional"]]),
+                      temp_arm: np.mean([r.final[task]["loss"] for r in mix_runs[temp_arm]]),
+                      "mean diff": mean, "95% low": low, "95% high": high})
+MIX_LOSS = pd.DataFrame(loss_rows).set_index("task")
 print(f"{temp_arm} minus proportional, paired by seed ({CFG['mix_seeds']} seeds), held-out exact match:")
 display(MIX_DIFF.round(3))
 LOW = MIX_DIFF.loc["tool"]
 print(f"low-resource task: {LOW['mean diff']:+.3f} [{LOW['95% low']:+.3f}, {LOW['95% high']:+.3f}]; "
       f"high-resource task: {MIX_DIFF.loc['arith', 'mean diff']:+.3f} "
       f"[{MIX_DIFF.loc['arith', '95% low']:+.3f}, {MIX_DIFF.loc['arith', '95% high']:+.3f}]")
+print(f"held-out answer loss (nats/token), {temp_arm} minus proportional (negative: the temperature helps):")
+display(MIX_LOSS.round(3))
+HIGH_LOSS = MIX_LOSS.loc["arith"]
+print(f"high-resource task's answer loss: {HIGH_LOSS['mean diff']:+.3f} [{HIGH_LOSS['95% low']:+.3f}, "
+      f"{HIGH_LOSS['95% high']:+.3f}] nats/token with the temperature"
+      + (" (worse: the trade)" if HIGH_LOSS["95% low"] > 0 else " (better)" if HIGH_LOSS["95% high"] < 0
+         else " (no difference shown: the interval includes 0)"))
 
 # %% [markdown]
 # ## 5. Interference: do the tasks' gradients agree?
@@ -824,9 +849,14 @@ assert res["verdict"] == "no significant difference", res  # t with 1 degree of 
 ### END HIDDEN TESTS
 
 # %% [markdown]
-# The experiment: the arithmetic task alone (so that the order is the only thing that differs), the
-# same small model (seed s: the same initial weights in every arm), `ab_steps` steps of `batch_size`.
-# Three arms, each with the same seeds:
+# The experiment: the arithmetic task alone (so that the order is the only thing that differs),
+# `ab_steps` steps of `batch_size`, LoRA (r = 8 on the attention's query and value projections) on
+# the real SmolLM2-135M-Instruct. The small model of sections 4 and 5 is no use here: it does not
+# learn addition in a few hundred steps (its answer loss in the mixing runs is printed below), and an
+# order effect cannot show on a model that learns nothing. The real model already adds one-digit
+# numbers and fails most four-digit sums, so there is room to win. Seed s gives the same adapter
+# initialisation in every arm (the base weights are the same for all). Three arms, each with the
+# same seeds:
 #
 # - **random**: uniform sampling from the whole training set (`curriculum_schedule` with c0 = 1);
 # - **curriculum**: easy → hard by `addition_difficulty`, competence pacing from c0;
@@ -838,6 +868,12 @@ assert res["verdict"] == "no significant difference", res  # t with 1 degree of 
 ab_eval = {"arith": multitask.encode(tok, multitask.task_rows("arith", "eval")[:CFG["ab_eval_rows"]])}
 ab_train = {"arith": train_data["arith"]}
 N_ARITH = len(ab_train["arith"])
+# the small model after the mixing runs, for comparison: has it learned addition?
+SMALL_ARITH_LOSS = float(np.mean([r.final["arith"]["loss"] for r in mix_runs["proportional"]]))
+SMALL_ARITH_ACC = float(np.mean([r.final["arith"]["accuracy"] for r in mix_runs["proportional"]]))
+print(f"small model after {CFG['mix_steps']} proportional-mixing steps: arith answer loss {SMALL_ARITH_LOSS:.2f} "
+      f"nats/token (ln 10 = {math.log(10):.2f}), exact match {SMALL_ARITH_ACC:.3f}")
+BASE_EVAL = multitask.evaluate(BASE, ab_eval["arith"], PAD)  # step 0 of every arm: adapters start at B = 0
 
 
 def run_order(arm, seed):
@@ -849,17 +885,20 @@ def run_order(arm, seed):
         scores, c0 = np.random.default_rng(10_000 + seed).random(N_ARITH), CFG["c0"]
     batches = curriculum_schedule(scores, CFG["ab_steps"], CFG["batch_size"], c0=c0, seed=seed)
     schedule = [[("arith", i) for i in b] for b in batches]
-    model = multitask.make_model(tok, seed=seed)
-    return multitask.train(model, ab_train, schedule, PAD, lr=CFG["lr"], eval_sets=ab_eval,
-                           eval_every=max(1, CFG["ab_steps"] // 4), seed=seed, progress=False)
+    torch.manual_seed(seed)  # the adapter's initial A matrices
+    model = get_peft_model(copy.deepcopy(BASE), LoraConfig(**LORA)).base_model.model
+    result = multitask.train(model, ab_train, schedule, PAD, lr=CFG["lora_lr"], eval_sets=ab_eval,
+                             eval_every=max(1, CFG["ab_steps"] // 2), seed=seed, progress=False,
+                             eval_at_start=False)
+    result.curves["arith"].insert(0, (0, BASE_EVAL["accuracy"], BASE_EVAL["loss"]))
+    return result
 
 
 AB_ARMS = ("random", "curriculum", "random curriculum")
 ab_runs = {arm: {} for arm in AB_ARMS}
 start = time.perf_counter()
-for seed in range(CFG["ab_seeds"]):
-    for arm in AB_ARMS:
-        ab_runs[arm][seed] = run_order(arm, seed)
+for seed, arm in tqdm([(seed, arm) for seed in range(CFG["ab_seeds"]) for arm in AB_ARMS], desc="order A/B"):
+    ab_runs[arm][seed] = run_order(arm, seed)
 AB_SECONDS = time.perf_counter() - start
 ab_acc = {arm: {s: r.final["arith"]["accuracy"] for s, r in runs.items()} for arm, runs in ab_runs.items()}
 per_seed = pd.DataFrame(ab_acc)
@@ -867,17 +906,19 @@ per_seed.index.name = "seed"
 print(f"{len(AB_ARMS) * CFG['ab_seeds']} runs of {CFG['ab_steps']} steps in {AB_SECONDS:.0f} s; "
       "held-out exact match per seed:")
 display(per_seed.round(3))
-START_ACC = ab_runs["random"][0].curves["arith"][0][1]
-# has the model learned addition at all? Guessing each answer digit uniformly costs ln 10 nats/token
+START_ACC = BASE_EVAL["accuracy"]
+# has the model learned addition? Guessing each answer digit uniformly costs ln 10 nats/token
 END_LOSS = float(np.mean([r.final["arith"]["loss"] for r in ab_runs["random"].values()]))
 AT_FLOOR = END_LOSS > 0.8 * math.log(10) or per_seed["random"].mean() < 0.1
-print(f"step 0 (before training): exact match {START_ACC:.3f}; after training, random order: "
-      f"{per_seed['random'].mean():.3f}, held-out answer loss {END_LOSS:.2f} nats/token "
+print(f"step 0 (the base model): exact match {START_ACC:.3f}, answer loss {BASE_EVAL['loss']:.2f}; after training, "
+      f"random order: {per_seed['random'].mean():.3f}, held-out answer loss {END_LOSS:.2f} nats/token "
       f"(ln 10 = {math.log(10):.2f} is guessing each digit)")
 if AT_FLOOR:
     print("-> the model has NOT learned addition at this budget: the answer loss is not well below a uniform guess over digits "
           "and exact match near 0. An order effect cannot show at a floor, so the verdict below is not evidence "
           "about curricula: a larger model or many more steps must first lift random order off the floor.")
+elif per_seed["random"].mean() > 0.95:
+    print("-> random order is at the ceiling: no room for an order effect at this budget")
 else:
     print("-> training works and there is room to win (random order is off the floor and below 1)")
 
@@ -921,10 +962,14 @@ print(f"verdict (curriculum vs the random-curriculum control): {MAIN['verdict']}
 
 # %%
 rows = [
-    {"quantity": "model", "value": "small Llama, SmolLM2 tokenizer", "unit": "",
+    {"quantity": "model, mixing and interference", "value": "small Llama, SmolLM2 tokenizer", "unit": "",
      "note": f"{N_SHARED:,} parameters, all shared and trained from scratch"},
-    {"quantity": "step time, small model vs LoRA on the full model", "value": f"{SMALL_STEP:.2f} vs {LORA_STEP:.2f}",
-     "unit": "s/step", "note": "same batch, measured side by side on this machine"},
+    {"quantity": "model, curriculum A/B", "value": f"LoRA r={LORA['r']} on {models.MODEL_NAME}", "unit": "",
+     "note": f"{CFG['ab_steps']} steps x {CFG['batch_size']}, lr {CFG['lora_lr']:g}"},
+    {"quantity": "small model's arith answer loss after the mixing runs", "value": round(SMALL_ARITH_LOSS, 3),
+     "unit": "nats/token", "note": f"ln 10 = {math.log(10):.3f}; exact match {SMALL_ARITH_ACC:.3f}"},
+    {"quantity": "step time, small model vs LoRA on the full model", "value": f"{SMALL_STEP:.3f} vs {LORA_STEP:.3f}",
+     "unit": "s/step", "note": f"same batch of {batch['input_ids'].shape[0]}, measured side by side on this machine"},
     {"quantity": "task sizes (arith, sentiment, tool)", "value": " / ".join(map(str, SIZES)), "unit": "train rows",
      "note": f"weights at T={CFG['T']:g}: " + " / ".join(f"{w:.2f}" for w in temperature_weights(SIZES, CFG["T"]))},
     {"quantity": "sampler chi-square p (400 steps)", "value": round(float(GOF.pvalue), 3), "unit": "",
@@ -937,6 +982,9 @@ for task in TASKS:
     r = MIX_DIFF.loc[task]
     rows.append({"quantity": f"{temp_arm} - proportional, {task}", "value": round(float(r["mean diff"]), 3),
                  "unit": "exact match", "note": f"95% CI [{r['95% low']:+.3f}, {r['95% high']:+.3f}], paired over seeds"})
+    r = MIX_LOSS.loc[task]
+    rows.append({"quantity": f"{temp_arm} - proportional, {task}, answer loss", "value": round(float(r["mean diff"]), 3),
+                 "unit": "nats/token", "note": f"95% CI [{r['95% low']:+.3f}, {r['95% high']:+.3f}], paired over seeds"})
 rows += [
     {"quantity": "gradient cosine after warm-up, task pairs", "value": f"{off.min():+.3f} .. {off.max():+.3f}", "unit": "",
      "note": f"same task, two batches: {np.diag(COS_WARM).min():+.3f} .. {np.diag(COS_WARM).max():+.3f}"},
@@ -949,7 +997,7 @@ for task in TASKS:
                  "note": f"95% CI [{r['95% low']:+.3f}, {r['95% high']:+.3f}], {CFG['pcgrad_seeds']} seeds"})
 for arm in AB_ARMS:
     rows.append({"quantity": f"arith exact match, {arm} order", "value": round(float(per_seed[arm].mean()), 3),
-                 "unit": "exact match", "note": f"mean of {CFG['ab_seeds']} seeds, {CFG['ab_steps']} steps; step 0: {START_ACC:.3f}"})
+                 "unit": "exact match", "note": f"mean of {CFG['ab_seeds']} seeds, {CFG['ab_steps']} steps; base model: {START_ACC:.3f}"})
 rows.append({"quantity": "arith held-out answer loss after training, random order", "value": round(END_LOSS, 3),
              "unit": "nats/token", "note": f"ln 10 = {math.log(10):.3f} guesses digits; "
                                            + ("AT THE FLOOR: the A/B below cannot show an order effect" if AT_FLOOR else "off the floor")})
@@ -975,6 +1023,7 @@ report.record_results("07_multitask_curriculum", BUDGET, rows)
 #   the pacing. Several seeds, paired, with an interval; report the verdict you got. And first check
 #   that the baseline learned anything (the answer loss against ln 10 above): an A/B run at a floor
 #   says nothing about curricula, whatever its p-value.
-# - **Honest caveats.** A small model trained from scratch, not the full model; template-generated tasks;
+# - **Honest caveats.** Mixing and interference on a small model trained from scratch, not the full
+#   model (the A/B alone runs LoRA on the real one); template-generated tasks;
 #   a few minutes of training per arm; exact match under teacher forcing, not free generation. With
 #   5 seeds a t-interval is wide: an effect of a few points can hide in it.
