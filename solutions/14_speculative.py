@@ -269,6 +269,14 @@ chi2 = stats.chisquare(first, law * N)
 assert chi2.pvalue > 1e-3, f"the output is not distributed as p (chi-square p = {chi2.pvalue:.2g}): counts {first}, expected {law * N}"
 acc = lengths[2] / N
 assert abs(acc - alpha) < 0.04, f"acceptance rate {acc:.3f}, expected sum(min(p, q)) = {alpha:.3f}"
+# every position gets its own uniform draw: with min(1, p/q) = 1/2 at both of K = 2 positions, a round
+# accepts 0, 1 or 2 drafts with probabilities 1/2, 1/4, 1/4 (one draw shared by the positions: 1/2, 0, 1/2)
+half = torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
+n_acc = np.zeros(3)
+for _ in range(400):
+    n_acc[len(verify_draft(torch.stack([half, half, p1]), onehot([0, 0]), torch.tensor([0, 0]), g)) - 1] += 1
+assert np.abs(n_acc / 400 - [0.5, 0.25, 0.25]).max() < 0.08, \
+    f"drafts accepted per round {n_acc / 400}, expected [0.5, 0.25, 0.25]: draw a new u for every position"
 print(f"verify_draft: OK (toy chi-square p = {chi2.pvalue:.2f}, acceptance {acc:.3f} vs {alpha:.3f})")
 ### BEGIN HIDDEN TESTS
 # a draft token the target rules out (p = 0) is always rejected, and the correction lies where p > q
@@ -433,23 +441,33 @@ with speculative.threads(1):
     prompt = torch.tensor([[1, 5, 7, 3, 9]])
     N = 12
     ref = tiny.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=N, do_sample=False)
-    calls = []
-    hook = tiny.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    calls, d_calls = [], []  # tokens fed per forward call: to the target, to the draft
+    fed = lambda a, kw: (kw["input_ids"] if "input_ids" in kw else a[0]).shape[1]
+    hooks = [tiny.register_forward_pre_hook(lambda m, a, kw: calls.append(fed(a, kw)), with_kwargs=True)]
+    hooks += [d.register_forward_pre_hook(lambda m, a, kw: d_calls.append(fed(a, kw)), with_kwargs=True)
+              for d in tiny_drafts.values()]
     try:
         for name, K in [("exact copy", 3), ("noisy copy", 1), ("noisy copy", 3), ("unrelated", 2)]:
             d = tiny_drafts[name]
             calls.clear()
+            d_calls.clear()
             out, st = speculative_generate(tiny, d, prompt, N, K, _hf_verify)
             assert torch.equal(out, ref), f"{name} draft, K={K}: greedy output differs from the target's:\n{out[0, 5:].tolist()}\n{ref[0, 5:].tolist()}"
             assert st["target_forwards"] == len(calls), f"one target forward per round: {len(calls)} calls, {st['target_forwards']} rounds"
             assert calls[0] == prompt.shape[1] + K, f"round 1 feeds the prompt and the K drafts: {calls[0]} tokens"
             assert max(calls[1:], default=0) <= K + 2, f"later rounds feed only the new tokens (KV cache): {calls}"
+            assert max(d_calls[1:], default=0) <= 2, \
+                f"the draft keeps its own KV cache: after the prompt, only the one or two tokens it has not seen; fed {d_calls}"
             if name == "exact copy":
                 assert st["accepted"] == st["drafted"] == N - st["target_forwards"], st
                 assert st["target_forwards"] == math.ceil(N / (K + 1)), st
     finally:
-        hook.remove()
-    print("speculative_generate: OK (greedy output = target's, one target forward per round, KV cache used)")
+        for hook in hooks:
+            hook.remove()
+    # never more than max_new_tokens: here the last round drafts 2 tokens, accepts both and adds a third
+    out, _ = speculative_generate(tiny, tiny_drafts["exact copy"], prompt, 6, 3, _hf_verify)
+    assert out.shape == (1, 5 + 6) and torch.equal(out, ref[:, :5 + 6]), f"max_new_tokens=6: {out.shape[1] - 5} new tokens"
+    print("speculative_generate: OK (greedy output = target's, one target forward per round, KV caches used)")
 ### BEGIN HIDDEN TESTS
 with speculative.threads(1):
     # the accepted counts match an independent replay of greedy drafting on the target's own text
