@@ -88,6 +88,14 @@ print(f"{models.MODEL_NAME}: {N_WEIGHTS:,} weights, {N_LAYERS} layers, hidden si
 # %% [markdown] id="cell-03"
 # ## 1. Absmax quantization: one scale, many choices of "one"
 #
+# Every method in this lesson is **post-training quantization** (PTQ): the weights are trained in
+# full precision and rounded afterwards, with at most a little calibration data and no gradient
+# step. Its contrast is **quantization-aware training** (QAT): the forward pass rounds the weights
+# during training (a straight-through estimator passes the gradient around the rounding), so the
+# model learns weights that survive the grid. At 4 bits and below QAT is reported to keep more quality
+# (LLM-QAT, Liu et al. 2023), at the cost of a training run; this lesson does not measure QAT, only
+# what PTQ buys.
+#
 # The simplest post-training quantizer maps a block of real weights onto the integers
 # $\{-q_{\max}, \dots, q_{\max}\}$ with $q_{\max} = 2^{b-1} - 1$ for $b$ bits:
 #
@@ -286,6 +294,7 @@ ours = q8_0_quantize(w_f32.reshape(-1))
 Q8_EXACT = bool(llama_type == "Q8_0" and np.array_equal(ours, llama_bytes))
 print(f"{NAME} {w_f32.shape}: llama.cpp wrote {llama_type}, {llama_bytes.size:,} bytes; "
       f"q8_0_quantize byte-exact: {Q8_EXACT}")
+assert Q8_EXACT, f"q8_0_quantize differs from llama.cpp's own Q8_0 bytes for {NAME}"
 
 
 # %% [markdown] id="cell-13"
@@ -533,13 +542,17 @@ by_type["bits/weight"] = 8 * by_type["bytes"] / by_type["weights"]
 display(by_type)
 Q4KM_BPW = quant.gguf_bits_per_weight(FILES["Q4_K_M"])
 Q4KM_NOMINAL_BPW = 8 * nominal_bytes / sum(t["n_elements"] for t in tensors)
+EMBEDDING_SHARE = sum(t["n_elements"] for t in tensors if t["name"] == "token_embd.weight") / \
+    sum(t["n_elements"] for t in tensors)
 print(f"recipe vs llama.cpp: {len(tensors) - len(mismatch)}/{len(tensors)} tensor types agree; mismatches: {mismatch[:5]}")
 print(f"Q4_K_M real bits/weight {Q4KM_BPW:.3f}; the same recipe without the fallback {Q4KM_NOMINAL_BPW:.3f}")
+print(f"the token embedding holds {EMBEDDING_SHARE:.1%} of the weights")
+assert not mismatch, f"the recipe disagrees with llama.cpp's file on {len(mismatch)} tensors: {mismatch[:5]}"
 
 
 # %% [markdown] id="cell-23"
 # Read the table: most of the weights end up in **Q5_0** (5.5 bits/weight) and the embedding, which
-# holds over a third of the model, in **Q8_0** (8.5). A "4-bit" Q4_K_M file of SmolLM2 is therefore
+# holds about a fifth of the weights (the share is printed above), in **Q8_0** (8.5). A "4-bit" Q4_K_M file of SmolLM2 is therefore
 # well above 4.5 bits per weight (the number is printed above). The fallback is a *quality* win and a
 # size loss, and it is invisible unless you read the file. Models whose hidden size is a multiple of
 # 256 (most 1B+ models) do not pay it.
@@ -688,8 +701,12 @@ display(pd.DataFrame(layer_rows).style.format({"calibration error": "{:.4f}", "h
 # then column $i$ is removed from $H^{-1}$.
 #
 # GPTQ's insight (its Algorithm 1): in a fixed column order, all those successive inverses are
-# the rows of the **upper Cholesky factor** of $H^{-1}$, so one Cholesky decomposition replaces $n$
-# matrix updates. With dampening for stability:
+# read off the **upper Cholesky factor** $U$ of $H^{-1}$, so one Cholesky decomposition replaces $n$
+# matrix updates. Row $i$ of $U$ is row $i$ of the inverse left after removing columns $0..i-1$,
+# **scaled by $1/\sqrt{\text{its diagonal}}$**: $U_{ij} = [H_{(i)}^{-1}]_{ij} / \sqrt{[H_{(i)}^{-1}]_{ii}}$, so
+# $U_{ii}^2 = [H_{(i)}^{-1}]_{ii}$ and $U_{ij}/U_{ii} = [H_{(i)}^{-1}]_{ij}/[H_{(i)}^{-1}]_{ii}$. That is why the
+# loop below divides the error by $U_{ii}$ and multiplies by $U_{i,j}$: the product is OBQ's
+# $(w_i - \hat w_i)\,[H_{(i)}^{-1}]_{ij}/[H_{(i)}^{-1}]_{ii}$. With dampening for stability:
 #
 # 1. $H \leftarrow H + \lambda I$, $\lambda = $ `percdamp` $\cdot \operatorname{mean}(\operatorname{diag} H)$
 #    (first set $H_{ii} = 1$ and $W_{:,i} = 0$ for "dead" inputs with $H_{ii} = 0$);
@@ -825,6 +842,14 @@ plt.show()
 # | ONNX fp32 | `torch.onnx.export` | onnxruntime |
 # | ONNX int8 | `onnxruntime.quantization.quantize_dynamic` | onnxruntime |
 # | NF4 | bitsandbytes `load_in_4bit`, `nf4` | PyTorch + bitsandbytes (CPU) |
+#
+# The containers differ as much as the numbers. **safetensors** (the format of the transformers
+# checkpoint the course unpacks from the GGUF, `models.teacher_dir()`) is a JSON header of names,
+# dtypes, shapes and byte offsets followed by the raw tensors: nothing to execute, memory-mappable,
+# but it stores tensors only and no block-quantized types (no tokenizer, no chat template, no Q4_K).
+# **GGUF** carries the tokenizer, the template, the architecture's settings and llama.cpp's block
+# types in one file. **ONNX** stores a whole computation graph, weights included, for any runtime that
+# implements its operators.
 #
 # **Perplexity** is $\exp$ of the mean next-token negative log-likelihood on the same held-out token
 # ids for every variant (our own prose in `brewslm_helpers/data/heldout_texts.jsonl`, not seen in
