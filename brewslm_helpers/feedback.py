@@ -199,9 +199,13 @@ def presidio_analyzer(person_names: list[str], *, extended: bool = True, phone_l
     recognisers for email, phone (Google's ``phonenumbers``, in ``phone_regions``), credit card
     (Luhn-validated), IPv4/IPv6, and a deny-list of ``person_names`` for PERSON.
 
-    ``extended=False`` is Presidio's card recogniser as it ships: its pattern has at most 17 digits.
+    ``extended=False`` is Presidio's card and phone recognisers as they ship: the card pattern has at
+    most 17 digits, and the phone recogniser only finds numbers in ranges a country has assigned.
     ``extended=True`` adds a second card pattern for 12-19 digits in groups (the 19-digit Visa and
-    others), validated by the same Luhn check. ``phone_leniency`` is ``phonenumbers``' leniency
+    others), validated by the same Luhn check, and a phone-*shape* pattern (:class:`PhoneShape`:
+    an optional +country code, an optional area code in brackets, groups of digits, an optional
+    extension; 10-15 digits before the extension, the E.164 limit) at a lower score, which also finds
+    numbers in unassigned or fictional ranges. ``phone_leniency`` is ``phonenumbers``' leniency
     (0 = the number's length is possible for its region, 1 = the number is valid: an assigned range).
     """
     _offline_tldextract()
@@ -221,6 +225,7 @@ def presidio_analyzer(person_names: list[str], *, extended: bool = True, phone_l
     if extended:
         long_cards = Pattern("cards of 12-19 digits in groups", r"\b\d{4}(?:[ -]?\d{2,6}){2,4}\b", 0.3)
         registry.add_recognizer(CreditCardRecognizer(patterns=[long_cards], name="LongCardRecognizer"))
+        registry.add_recognizer(PhoneShape())
     registry.add_recognizer(IpRecognizer())
     registry.add_recognizer(PatternRecognizer(supported_entity="PERSON", deny_list=list(person_names),
                                               name="CustomerNames"))
@@ -228,15 +233,72 @@ def presidio_analyzer(person_names: list[str], *, extended: bool = True, phone_l
     return AnalyzerEngine(nlp_engine=nlp, registry=registry, supported_languages=["en"])
 
 
-def presidio_findings(analyzer, text: str, min_score: float = 0.0) -> list[tuple[int, int, str, float]]:
+_PHONE_SHAPE = (r"(?:\+\d{1,3}[ .-]?|00\d{1,3}[ .-]?)?(?:\(0\)[ ]?)?(?:\(\d{2,5}\)[ .-]?)?"
+                r"\d{2,5}(?:[ .-]?\d{2,5}){1,4}(?:[ ]?(?:x|ext\.?)[ ]?\d{1,6})?")
+
+
+def _phone_shape_class():
+    from presidio_analyzer import Pattern, PatternRecognizer
+
+    class PhoneShape(PatternRecognizer):
+        """A phone number by its shape: 10-15 digits (E.164's limit) before an optional extension."""
+
+        def __init__(self):
+            super().__init__(supported_entity="PHONE_NUMBER", name="PhoneShape",
+                             patterns=[Pattern("phone shape", _PHONE_SHAPE, 0.3)])
+
+        def invalidate_result(self, pattern_text: str) -> bool:  # True drops it; the score stays 0.3
+            main = re.split(r"\s?(?:x|ext)", pattern_text, maxsplit=1)[0]
+            return not 10 <= len(_digits(main)) <= 15
+
+    return PhoneShape
+
+
+def PhoneShape():  # noqa: N802 - a factory that reads like the class it makes (presidio imports lazily)
+    return _phone_shape_class()()
+
+
+_DATE = re.compile(r"\d{1,4}[./-]\d{1,2}[./-]\d{1,4}")
+
+
+def _plausible(text: str, start: int, end: int, entity: str) -> bool:
+    """Filters every finding goes through: no finding starts or ends inside a longer token (the
+    digits of "ORD-2026-118734" or "SKU-48213-C" are an identifier, not a phone number); a phone
+    number has at most 15 digits before its extension (E.164), is not a date, and is not part of a
+    longer run of digit groups (a 16-digit order number is not a phone number followed by more)."""
+    def joined(i: int, step: int) -> bool:  # text[i] continues the token (one separator allowed)
+        if not 0 <= i < len(text):
+            return False
+        if text[i].isalnum():
+            return True
+        j = i + step
+        return text[i] in "-/." and 0 <= j < len(text) and text[j].isalnum()
+
+    if joined(start - 1, -1) or joined(end, 1):
+        return False
+    if entity == "PHONE":
+        span = text[start:end]
+        main = re.split(r"\s?(?:x|ext)", span, maxsplit=1)[0]
+        if len(_digits(main)) > 15 or _DATE.fullmatch(span.strip()):
+            return False
+        if (start >= 2 and text[start - 1] in " -" and text[start - 2].isdigit()) or \
+                (end + 1 < len(text) and text[end] in " -" and text[end + 1].isdigit()):
+            return False
+    return True
+
+
+def presidio_findings(analyzer, text: str, min_score: float = 0.0,
+                      filters: bool = True) -> list[tuple[int, int, str, float]]:
     """What ``analyzer`` finds in ``text``: ``(start, end, entity, score)`` with the course's entity
     names (:data:`ENTITIES`), sorted by start, end. Overlapping findings are all returned (a card
     number is often also a possible phone number, at a lower score): resolving them is redaction's
-    job."""
+    job. ``filters=True`` drops the findings :func:`_plausible` rejects (inside identifiers, phone
+    numbers that are too long, dates, or pieces of longer numbers)."""
     out = []
     for r in analyzer.analyze(text=text, language="en", entities=list(PRESIDIO_ENTITY)):
-        if r.score >= min_score:
-            out.append((int(r.start), int(r.end), PRESIDIO_ENTITY[r.entity_type], float(r.score)))
+        entity = PRESIDIO_ENTITY[r.entity_type]
+        if r.score >= min_score and (not filters or _plausible(text, int(r.start), int(r.end), entity)):
+            out.append((int(r.start), int(r.end), entity, float(r.score)))
     return sorted(set(out))
 
 
@@ -495,6 +557,7 @@ def sft_train(model, tokenizer, examples: list[dict], *, steps: int, batch_size:
 
     from datasets import Dataset
     from peft import LoraConfig
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     data = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
@@ -508,6 +571,7 @@ def sft_train(model, tokenizer, examples: list[dict], *, steps: int, batch_size:
                      dataloader_num_workers=0, disable_tqdm=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                          peft_config=lora)
+    trainer.remove_callback(PrinterCallback)   # the losses are returned, not printed line by line
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return trainer.model, losses
