@@ -127,6 +127,9 @@ for r in test_all[:4]:
 # The rule here is simple and stated up front:
 # 1. If the text contains `<tool_call>`, search only what follows its first occurrence, up to the next
 #    `</tool_call>` (or the end of the text if the tag is never closed). Otherwise search the whole text.
+#    Where the tag occurs, nothing before it counts, even a complete call (a model often echoes an
+#    example call before its own), and nothing after the closing tag counts either: a tagged region that
+#    holds no call means "no call", not "look elsewhere".
 # 2. The call is the **first JSON object** in that region that has a string `"name"`. Try every `{` in
 #    turn, and decode a JSON value that starts there with `json.JSONDecoder().raw_decode(text, i)`. It
 #    returns the object and where it ended, and ignores what follows. Braces inside JSON strings are
@@ -186,6 +189,11 @@ assert parse_tool_call(messy) == call, f"junk around the call: got {parse_tool_c
 # no tags: the first JSON object with a name, in the middle of prose
 assert parse_tool_call('I will call {"name": "get_time", "arguments": {"city": "Rome"}} now.') == \
     {"name": "get_time", "arguments": {"city": "Rome"}}
+# with a tag, only the tagged region counts: an example call before it is not the call
+echo = ('Format: {"name": "get_time", "arguments": {"city": "Paris"}}\n'
+        '<tool_call>{"name": "set_timer", "arguments": {"minutes": 3}}</tool_call>')
+assert parse_tool_call(echo) == {"name": "set_timer", "arguments": {"minutes": 3}}, \
+    f"the search starts after <tool_call>: got {parse_tool_call(echo)}"
 # two calls: the first one wins
 two = ('{"name": "get_time", "arguments": {"city": "Oslo"}} and then '
        '{"name": "get_weather", "arguments": {"city": "Oslo"}}')
@@ -213,6 +221,15 @@ assert parse_tool_call('{"note": 1} {"name": 3} {"name": "get_time", "arguments"
 tagged = ('Plan {step 1}: <tool_call>{"name": "set_timer", "arguments": {"minutes": 3}}</tool_call> '
           '<tool_call>{"name": "get_time", "arguments": {"city": "Riga"}}</tool_call> }')
 assert parse_tool_call(tagged) == {"name": "set_timer", "arguments": {"minutes": 3}}
+# the region starts at the tag even when the tag is never closed
+assert parse_tool_call('e.g. {"name": "get_time", "arguments": {"city": "Oslo"}} -> '
+                       '<tool_call>{"name": "set_timer", "arguments": {"minutes": 4}}') == \
+    {"name": "set_timer", "arguments": {"minutes": 4}}
+# a tagged region without a call is no call: neither the text before the tag nor after its end is searched
+for text in ['Like {"name": "get_time", "arguments": {"city": "Oslo"}} <tool_call>{"name": </tool_call>',
+             '<tool_call>{"name": "get_time", </tool_call> {"name": "set_timer", "arguments": {"minutes": 2}}',
+             '{"name": "get_time", "arguments": {}} <tool_call>No tool needed.']:
+    assert parse_tool_call(text) is None, f"{text!r}: the tagged region holds no call, got {parse_tool_call(text)}"
 # nested arguments and unicode survive
 nested = 'x {"name": "get_weather", "arguments": {"city": "São Paulo", "extra": {"a": [1, {"b": 2}]}}} y }'
 assert parse_tool_call(nested) == {"name": "get_weather", "arguments": {"city": "São Paulo", "extra": {"a": [1, {"b": 2}]}}}
@@ -235,6 +252,11 @@ assert parse_tool_call('{"name": "get_time", "arguments": {"city": "Rome"}') is 
 # declaration (`{"name": ..., "description": ..., "parameters": ...}`) is also a dict, but as a schema it
 # constrains nothing, so every call would pass. And a reply with **no call** is not a valid call: it has
 # nothing to execute.
+#
+# The validator checks; it never repairs. A missing required argument is a problem even when the schema
+# declares a `default` for it: in JSON Schema `default` is an annotation, which `jsonschema` does not
+# fill in, and a call the model did not complete is not the call it meant. Do not change the call you
+# are given (the caller may log or execute exactly what was validated).
 
 # %% id="ex_validate_call" nbgrader={"grade": false, "grade_id": "ex_validate_call", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def validate_call(call: dict | None, catalogue: list[dict]) -> list[str]:
@@ -246,6 +268,8 @@ def validate_call(call: dict | None, catalogue: list[dict]) -> list[str]:
     problem); its "name" is a string naming a catalogue tool (one problem); its "arguments" is a dict
     (one problem). Then one problem per jsonschema error of the arguments against that tool's
     "parameters" schema (jsonschema.Draft202012Validator(...).iter_errors). Messages are free text.
+    Nothing is filled in or changed: a missing required argument is a problem even if the schema gives
+    it a "default", and `call` is left as it was.
     """
     ### BEGIN SOLUTION
     if not isinstance(call, dict):
@@ -328,6 +352,20 @@ tiny = [{"name": "ping", "description": "", "parameters": {"type": "object", "pr
 assert validate_call({"name": "ping", "arguments": {}}, tiny) == []
 assert validate_call({"name": "ping", "arguments": {"x": 1}}, tiny)
 assert validate_call({"name": "get_time", "arguments": {"city": "Rome"}}, tiny)
+# defaults are annotations: a missing required argument is reported, never filled in; the call is not changed
+alarm = [{"name": "set_alarm", "description": "", "parameters": {
+    "type": "object", "properties": {"hour": {"type": "integer", "default": 7},
+                                     "label": {"type": "string", "default": "alarm"}, "note": {"type": "string"}},
+    "required": ["hour", "note"], "additionalProperties": False}}]
+for args, n_problems in [({}, 2), ({"note": "x"}, 1), ({"hour": 6}, 1), ({"label": "gym"}, 2),
+                         ({"hour": 6, "note": ""}, 0), ({"hour": 6, "note": "", "label": "gym"}, 0)]:
+    call = {"name": "set_alarm", "arguments": dict(args)}
+    problems = validate_call(call, alarm)
+    assert isinstance(problems, list) and len(problems) == n_problems, (args, problems)
+    assert call == {"name": "set_alarm", "arguments": args}, f"validate_call changed the call: {call}"
+for call in [W(unit="celsius"), {"name": "set_timer", "arguments": {"label": "tea"}}]:
+    before = json.loads(json.dumps(call))
+    assert validate_call(call, CATALOGUE) and call == before, call
 ### END HIDDEN TESTS
 
 # %% [markdown] id="md_metrics"
@@ -342,9 +380,13 @@ assert validate_call({"name": "get_time", "arguments": {"city": "Rome"}}, tiny)
 #   *and* whose arguments equal the gold arguments, key for key, after **normalising values**: strings
 #   are compared with surrounding whitespace stripped, inner runs of whitespace collapsed, and case
 #   folded (`" new  York "` = `"New York"`). A string that reads as a finite number is that number, and
-#   numbers compare as floats (`"20"` = `20` = `20.0`). Booleans compare as themselves; lists and dicts
-#   are compared element by element. Keys are not normalised, and a key present on one side only is a
-#   mismatch. This score is deliberately lenient: it asks whether the model extracted the right
+#   numbers compare as floats (`"20"` = `20` = `20.0`). That is the only leniency across types: values
+#   otherwise match only if their JSON types match. A boolean equals only the same boolean (`true` is
+#   not `1`, though Python says `True == 1`, and not `"true"`). `float()` also reads `"nan"`, `"inf"` and
+#   `"Infinity"`, but they are not finite numbers, so they stay strings: `"Nan"` (a city in Thailand)
+#   = `"NAN"`, while `"inf"` is not the number `1e309` (too big for a float, JSON decodes it to
+#   infinity). Lists and dicts are compared element by element. Keys are not normalised and are
+#   case-sensitive (`"City"` is not `"city"`), and a key present on one side only is a mismatch. This score is deliberately lenient: it asks whether the model extracted the right
 #   information. The valid-call rate asks whether the result is executable. A call can pass one and
 #   fail the other, which is why you report both.
 #
@@ -375,28 +417,30 @@ def tool_call_metrics(predictions: list, references: list, validate) -> dict:
       "no_tool_precision": over rows whose prediction is None, those whose reference is None;
       "no_tool_recall":    over rows whose reference is None, those whose prediction is None.
     Normalising a value: bool -> itself; int/float -> float; str -> float if float(s) works and is
-    finite, else " ".join(s.split()).casefold(); dict -> same keys, values normalised; list -> items
-    normalised; anything else as is.
+    finite, else " ".join(s.split()).casefold(); dict -> same keys (case-sensitive, not normalised),
+    values normalised; list -> items normalised; anything else as is. Two normalised values match only
+    if their JSON types match too: a boolean is not a number (True != 1), a number is not a string.
     """
     ### BEGIN SOLUTION
     def norm(value):
+        """(JSON type, normalised value): the type tag keeps True apart from 1 and "inf" apart from inf."""
         if isinstance(value, bool):
-            return value
+            return ("boolean", value)
         if isinstance(value, (int, float)):
-            return float(value)
+            return ("number", float(value))
         if isinstance(value, str):
             try:
                 number = float(value)
             except ValueError:
                 number = None
             if number is not None and math.isfinite(number):
-                return number
-            return " ".join(value.split()).casefold()
+                return ("number", number)
+            return ("string", " ".join(value.split()).casefold())
         if isinstance(value, dict):
-            return {key: norm(v) for key, v in value.items()}
+            return ("object", {key: norm(v) for key, v in value.items()})
         if isinstance(value, list):
-            return [norm(v) for v in value]
-        return value
+            return ("array", [norm(v) for v in value])
+        return ("other", value)
 
     def rate(hits, total):
         return hits / total if total else 0.0
@@ -468,6 +512,27 @@ assert math.isclose(got["argument_match"], 1.0), got
 assert math.isclose(got["valid_call_rate"], 1 / 3), got  # "12.50", "gbp" and "30" break the schema
 got = tool_call_metrics([C("set_timer", minutes=30.0)], [C("set_timer", minutes=30)], schema_validate)
 assert got["argument_match"] == 1.0 and got["valid_call_rate"] == 1.0, got
+# JSON types must match: a boolean is not a number (Python's True == 1 is not JSON's), nor a string
+T = "set_timer"
+for pred, ref in [(True, 1), (1, True), (False, 0), (0.0, False), ("1", True), ("true", True), ([True], [1]),
+                  ({"on": True}, {"on": 1})]:
+    got = tool_call_metrics([C(T, minutes=pred)], [C(T, minutes=ref)], schema_validate)
+    assert got["argument_match"] == 0.0, f"{pred!r} must not match {ref!r}: {got}"
+got = tool_call_metrics([C(T, minutes=True, label=[False])], [C(T, minutes=True, label=[False])], schema_validate)
+assert got["argument_match"] == 1.0, got
+# keys are case-sensitive
+got = tool_call_metrics([C("get_weather", City="Paris"), C("get_weather", city="Paris", UNIT="celsius")],
+                        [C("get_weather", city="Paris"), C("get_weather", city="Paris", unit="celsius")], schema_validate)
+assert got["argument_match"] == 0.0, f"keys are not normalised: {got}"
+# "nan", "inf", "Infinity" are not finite numbers: they stay strings
+inf_json = json.loads('{"amount": 1e309}')["amount"]  # JSON's 1e309 decodes to float infinity
+for pred, ref, match in [("Nan", "NAN", True), (" nan ", "NaN", True), ("Infinity", "infinity", True),
+                         ("inf", inf_json, False), ("Infinity", inf_json, False), ("-inf", -inf_json, False),
+                         ("1e309", inf_json, False), ("nan", float("nan"), False), ("inf", "Infinity", False)]:
+    got = tool_call_metrics([C("get_time", city=pred)], [C("get_time", city=ref)], schema_validate)
+    assert got["argument_match"] == float(match), f"{pred!r} vs {ref!r}: expected {'a match' if match else 'no match'}"
+got = tool_call_metrics([C("convert_currency", amount=inf_json)], [C("convert_currency", amount=inf_json)], schema_validate)
+assert got["argument_match"] == 1.0, got  # numbers compare as floats, infinity included
 # a missing key, a different value, a different tool are mismatches
 got = tool_call_metrics([C("get_weather", city="Paris"), C("get_weather", city="Paris", unit="celsius"),
                          C("get_time", city="Paris")],

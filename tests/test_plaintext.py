@@ -28,7 +28,7 @@ from grader.plaintext import built, notebook_bytes, notebook_from_text, text_fro
 CONVERTED_FROM = "cae9bfd6862b1f419519e2dec9bc52494f68968c"
 # (lessons 1-5 left the list when issue 14 reworked them, lessons 6 and 14 when issue 20 mended
 # their prose and tests: their conversion had long been settled)
-CONVERTED = ["08_serving", "12_tool_use"]
+CONVERTED = ["08_serving"]
 # edits made to a lesson's text since the conversion, by lesson and cell id: (old, new), each old
 # text occurring once in that cell of the old notebook. Add an entry when you edit a converted
 # lesson on purpose (or drop the lesson from CONVERTED once its conversion is long settled).
