@@ -146,7 +146,8 @@ for doc in PII_DOCS[:4]:
 # ten. The parity counts from the **right**: counted from the left, a 16-digit number gives the same
 # answer, and a 15-digit Amex or a 19-digit Visa the wrong one.
 #
-# Write `luhn_valid(number)`: spaces and dashes are separators; any other character, or fewer than
+# Write `luhn_valid(number)`: spaces and dashes are separators (any number of them, anywhere); any
+# other character (a tab, a non-breaking space, a digit of another script such as `٤`), or fewer than
 # 12 or more than 19 digits, is not a card number (`False`). The test compares with Presidio's own
 # check.
 
@@ -194,6 +195,13 @@ for _length in range(12, 20):
 for _odd in ("6011000990139424", "3530111333300000", "30569309025904", "4000056655665556", "5105105105105100",
              "371449635398431", "4716 0841 2353 5891 236", "6759 6498 2643 8453"):
     assert luhn_valid(_odd) == bool(_ref.validate_result(_odd.replace(" ", ""))), _odd
+_v19 = "4716 0841 2353 5891 23"
+_v19 += next(c for c in "0123456789" if _ref.validate_result((_v19 + c).replace(" ", "")))
+assert luhn_valid(_v19) is True, _v19                        # a grouped 19-digit card (23 characters)
+assert luhn_valid("4539 1488 0343 6467".replace(" ", "-")) is True
+assert luhn_valid("\u0664\u0665\u0663\u0669\u0661\u0664\u0668\u0668\u0660\u0663\u0664\u0663\u0666\u0664\u0666\u0667") is False
+assert luhn_valid("\uff14\uff15\uff13\uff19148803436467") is False  # other scripts' digits are not ASCII digits
+assert luhn_valid("4539\t1488\n0343\u00a06467") is False         # only spaces and dashes separate
 assert luhn_valid("0000 0000 0000 0000") is True            # passes Luhn (it is still no card: brand ranges are another check)
 assert luhn_valid("4539 1488 0343 6467 1234 5") is False    # 21 digits
 assert luhn_valid("") is False and luhn_valid("    ") is False
@@ -225,7 +233,7 @@ assert _agree == len(_cands)
 #
 # - findings that **overlap** (share at least one character) are merged into one span, covering all
 #   of them; its label is that of the merged finding with the highest score (a tie goes to the
-#   longer finding, then the earlier one);
+#   longer finding, then the one that starts earlier, then the one earlier in the list);
 # - each merged span is replaced by `[LABEL]`, e.g. `[CARD]`, and **nothing of the value stays**:
 #   no "last four digits", no e-mail domain (our policy: the log is for debugging the model, it
 #   does not need them; a policy that keeps them must say so and is not this one);
@@ -294,7 +302,14 @@ assert redact(_t, [(2, 8, "PHONE", 0.4), (6, 12, "PHONE", 0.4), (10, 15, "CARD",
 _t = "Refund 3056 930902 5904 now"
 _f = [_at(_t, "3056 930902 5904", "CARD", 1.0), (_t.index("3056"), _t.index("3056") + 11, "PHONE", 0.4)]
 assert redact(_t, _f[::-1]) == ("Refund [CARD] now", {"CARD": 1}) and redact(_t, _f) == redact(_t, _f[::-1])
-# ties: the longer finding, then the earlier
+# a finding nested inside a longer one does not shrink the group
+assert redact("a 4539148803436467 b", [(2, 18, "CARD", 1.0), (4, 10, "PHONE", 0.4), (12, 16, "PHONE", 0.4)]) == \
+    ("a [CARD] b", {"CARD": 1})
+# the finding's own position, not the first occurrence of its value
+assert redact("Ana wrote: please call Ana", [(23, 26, "PERSON", 1.0)]) == ("Ana wrote: please call [PERSON]", {"PERSON": 1})
+# ties: the longer finding, then the one that starts earlier, then the earlier in the list
+assert redact("ab 12345 cd", [(3, 8, "CARD", 0.5), (3, 8, "PHONE", 0.5)]) == ("ab [CARD] cd", {"CARD": 1})
+assert redact("xx 0123456789 yy", [(7, 12, "B", 0.5), (3, 8, "A", 0.5)]) == ("xx [A]9 yy", {"A": 1})
 assert redact("ab 12345 cd", [(3, 6, "IP", 0.5), (3, 8, "PHONE", 0.5)]) == ("ab [PHONE] cd", {"PHONE": 1})
 assert redact("ab 12345 cd", [(3, 8, "PHONE", 0.5), (3, 8, "CARD", 0.5)]) == ("ab [PHONE] cd", {"PHONE": 1})
 # touching but not overlapping spans stay two placeholders
@@ -429,6 +444,18 @@ for _d, _n in ((1, 60), (2, 12)):
     _obs = np.array([_counts[f"d{_d}-{i:03d}"] for i in range(_n)])
     _p = scipy.stats.chisquare(_obs).pvalue
     assert _p > 1e-3, f"day {_d} is not uniform (chi-square p = {_p:.2g})"
+# one generator for the whole stream: two days of the same size do not keep the same positions
+_s = _stream([12, 12])
+assert any(daily_reservoir(_s, cap=4, seed=s)[:4] != [r.replace("d1", "d0") for r in daily_reservoir(_s, cap=4, seed=s)[4:]]
+           for s in range(20)), "each day restarts the generator: every day keeps the same positions"
+# arrival order, not the ids' sort order; the global random state is left alone
+_s = [{"request_id": f"r{i}", "day": 0} for i in range(12)]
+for _seed in range(20):
+    _k = daily_reservoir(_s, cap=11, seed=_seed)
+    assert _k == [r["request_id"] for r in _s if r["request_id"] in _k], _k
+_st = random.getstate()
+daily_reservoir(_stream([30, 30]), cap=5, seed=3)
+assert random.getstate() == _st, "use random.Random(seed), not the global generator"
 # the days are not aligned to the caller's list positions: a day in the middle of a list still works
 _s = [{"request_id": f"x{i}", "day": 3} for i in range(4)] + [{"request_id": f"y{i}", "day": 7} for i in range(2)]
 assert daily_reservoir(_s, cap=2, seed=1)[2:] == ["y0", "y1"]
@@ -619,7 +646,8 @@ print(f"{len(QUEUE)} rows reviewed, {len(REVIEWS)} reviews (some rows by two peo
 # The rules, each of which a real pipeline has broken:
 # - the label is the **correction** — the model's own answer is what was wrong;
 # - only text **from the log** (redacted) is used; a tag whose request is not in the log is skipped;
-# - a request whose reviewers **disagree** is dropped (nobody knows its label);
+# - a request whose reviewers **disagree** is dropped (nobody knows its label) — this comes first,
+#   request by request, before the duplicates below are looked at;
 # - **duplicates** under `normalise_text` (people retype the same review with other case and
 #   punctuation) become one example, the first in tag order; if they carry different labels, all of
 #   them are dropped;
@@ -697,6 +725,13 @@ assert _e2[0]["prompt"][0]["content"] == sentiment_question("the LATTE was not b
 _t3 = [{"request_id": "r4", "correction": "positive"}, {"request_id": "r5", "correction": "negative"},
        {"request_id": "r3", "correction": "positive"}]
 assert [e["request_id"] for e in sft_examples(_t3, _log2, [])] == ["r3"]
+# disagreement is settled per request first: r4's two reviewers disagree, so r4 is gone before dedupe
+assert [e["request_id"] for e in sft_examples([{"request_id": "r4", "correction": "positive"},
+                                               {"request_id": "r4", "correction": "negative"},
+                                               {"request_id": "r1", "correction": "positive"}], _log2, [])] == ["r1"]
+# leakage is equality of normalised texts, not containment
+assert [e["request_id"] for e in sft_examples(_tags + [{"request_id": "r3", "correction": "positive"}], _log,
+                                              ["Great espresso, friendly staff."])] == ["r1", "r2", "r3"]
 # leakage: an evaluation text, retyped, is still the evaluation text
 assert [e["request_id"] for e in sft_examples(_tags, _log, ["THE LATTE WAS NOT BITTER AT ALL"])] == ["r2"]
 assert [e["request_id"] for e in sft_examples(_tags, _log, ["The latte was not bitter at all."])] == ["r2"]
@@ -791,6 +826,10 @@ assert retrain_decision(3, 14, 0.0, **_rule) == {"retrain": True, "reason": "sta
 assert retrain_decision(3, 13.9, 0.0, **_rule) == {"retrain": False, "reason": "waiting"}
 assert retrain_decision(80, 1.99, 0.0, **_rule) == {"retrain": False, "reason": "cooldown"}
 assert retrain_decision(80, 30, 0.5, **_rule) == {"retrain": True, "reason": "drift"}        # drift is named first
+assert retrain_decision(80, 30, 0.0, **_rule) == {"retrain": True, "reason": "enough_examples"}  # before stale
+assert retrain_decision(0, 1, 0.9, **_rule) == {"retrain": False, "reason": "cooldown"}     # cooldown first
+assert retrain_decision(5, 14, 0.9, **_rule) == {"retrain": True, "reason": "stale"}        # drift with too few falls through
+assert all(type(retrain_decision(n, d, s, **_rule)["retrain"]) is bool for n, d, s in ((80, 5, 0.1), (20, 5, 0.1)))
 assert retrain_decision(2, 0, 0.0, **{**_rule, "min_days": 0}) == {"retrain": False, "reason": "waiting"}
 ### END HIDDEN TESTS
 

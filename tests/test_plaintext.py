@@ -26,9 +26,9 @@ from grader.plaintext import built, notebook_bytes, notebook_from_text, text_fro
 
 # the last commit whose solutions/NN_slug.ipynb were the lessons' source (issue 13 converted them)
 CONVERTED_FROM = "cae9bfd6862b1f419519e2dec9bc52494f68968c"
-# (lessons 1-5 left the list when issue 14 reworked them, lessons 6 and 14 when issue 20 mended
-# their prose and tests: their conversion had long been settled)
-CONVERTED = ["08_serving"]
+# (lessons 1-5 left the list when issue 14 reworked them, lessons 6, 8, 12 and 14 when issue 20
+# mended their prose and tests: their conversion had long been settled)
+CONVERTED: list[str] = []
 # edits made to a lesson's text since the conversion, by lesson and cell id: (old, new), each old
 # text occurring once in that cell of the old notebook. Add an entry when you edit a converted
 # lesson on purpose (or drop the lesson from CONVERTED once its conversion is long settled).
