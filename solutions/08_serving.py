@@ -138,17 +138,20 @@ print(f"{model.num_parameters():,} parameters; prompt lengths: {[len(p) for p in
 #
 # **Your task.** `greedy_generate(model, prompt_ids, max_new_tokens, use_cache=True, eos_token_id=None)`
 # returns the list of new token ids. With `use_cache=False` it re-runs the model on the full sequence at
-# each step; both must give exactly the tokens of `model.generate(do_sample=False)`. A **fresh cache per
-# call**: a cache belongs to one request, and one left over from the previous request makes the model
-# attend to someone else's conversation. If `eos_token_id` is given, stop after emitting it (it is
-# included in the output).
+# each step; both must give exactly the tokens of `model.generate(do_sample=False)`. Write the loop
+# yourself, calling only the model's forward, `model(...)`: `generate` is the reference your tokens are
+# compared to, and the tests hand you models whose `generate` is switched off. One forward call per new
+# token: with the cache, the first call feeds the whole prompt and every later call one token; without
+# it, every call feeds the whole sequence so far. A **fresh cache per call**: a cache belongs to one
+# request, and one left over from the previous request makes the model attend to someone else's
+# conversation. If `eos_token_id` is given, stop after emitting it (it is included in the output).
 
 # %% id="ex_greedy_generate" nbgrader={"grade": false, "grade_id": "ex_greedy_generate", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, use_cache: bool = True,
                     eos_token_id: int | None = None) -> list[int]:
     """Greedy (argmax) decoding of one prompt.
 
-    model: a transformers causal LM (batch 1).
+    model: a transformers causal LM (batch 1); call its forward only (`model(...)`), not `generate`.
     prompt_ids: the prompt's token ids (non-empty list of ints).
     max_new_tokens: how many tokens to generate at most (0 gives []).
     use_cache: True: prefill the prompt into a new DynamicCache, then feed one token per step;
@@ -195,12 +198,22 @@ def _reference(m, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
+def _forward_only(m):
+    """The model as greedy_generate gets it: generate, the reference, is switched off."""
+    def _generate_off(*args, **kwargs):
+        raise AssertionError("greedy_generate must run its own decoding loop with model(...): "
+                             "model.generate is the reference it is compared to, not part of the answer")
+    m.generate = _generate_off
+    return m
+
+
 _threads = torch.get_num_threads()
 torch.set_num_threads(1)              # tiny matrices: one thread is fastest, even on a busy machine
 try:
     _m = _tiny_lm()
     _p1, _p2 = [5, 17, 3, 42, 8, 11], [60, 2, 33]
     _ref1, _ref2 = _reference(_m, _p1, 8), _reference(_m, _p2, 8)
+    _forward_only(_m)
     _got = greedy_generate(_m, _p1, 8, use_cache=True)
     assert isinstance(_got, list) and all(isinstance(t, int) for t in _got), _got
     assert _got == _ref1, f"with cache: {_got} != generate's {_ref1}"
@@ -224,8 +237,9 @@ try:
     assert _without == [len(_p1) + k for k in range(6)], f"tokens fed per step without cache: {_without}"
     # many requests in a row, interleaved with and without cache, on a deeper model
     _m3 = _tiny_lm(seed=3, layers=3)
-    for _p in ([1], [7, 7, 7, 7], [90, 12, 45, 3, 3, 64, 20, 1, 8]):
-        _r = _reference(_m3, _p, 10)
+    _cases = [(_p, _reference(_m3, _p, 10)) for _p in ([1], [7, 7, 7, 7], [90, 12, 45, 3, 3, 64, 20, 1, 8])]
+    _forward_only(_m3)
+    for _p, _r in _cases:
         assert greedy_generate(_m3, _p, 10) == _r
         assert greedy_generate(_m3, _p, 10, use_cache=False) == _r
     # eos: stop right after it, included
