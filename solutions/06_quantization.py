@@ -249,7 +249,24 @@ assert np.abs(back - x).max() <= np.abs(x).max() / 127, "decoded values must be 
 tie = np.zeros(32, dtype=np.float32); tie[:4] = [127.0, 2.5, -0.5, 10.5]
 assert np.array_equal(q8_0_quantize(tie), gguf.quants.quantize(tie.reshape(1, -1), gguf.GGMLQuantizationType.Q8_0).reshape(-1)), \
     "round halves away from zero (C roundf), not to even"
-print("q8_0_quantize: OK, byte-exact on", ref.size, "bytes")
+# x / d and x * (1 / d) are not always the same float32. Search seeded blocks whose values sit next to
+# a rounding boundary (half-integer multiples of d) for those where the two round differently:
+# ggml multiplies by the float32 reciprocal, so only x * (1 / d) is byte-exact there.
+r = np.random.default_rng(1)
+near = r.integers(-127, 127, (256, 32)) + 0.5
+near[:, 0] = 127                                          # the block max: d = that value / 127
+near = (near * 10 ** r.uniform(-3, 2, (256, 1))).astype(np.float32)
+d_near = np.abs(near).max(axis=1, keepdims=True) / np.float32(127)
+by_division = gguf.quants.np_roundf(near / d_near)
+by_reciprocal = gguf.quants.np_roundf(near * (np.float32(1) / d_near))
+split = near[(by_division != by_reciprocal).any(axis=1)]
+assert len(split) >= 100, len(split)                      # the search finds such blocks
+ours = q8_0_quantize(split.reshape(-1))
+ref = gguf.quants.quantize(split, gguf.GGMLQuantizationType.Q8_0).reshape(-1)
+assert np.array_equal(ours, ref), \
+    f"{int((ours != ref).sum())} bytes differ on {len(split)} blocks where x / d and x * (1 / d) round differently: " \
+    "compute the float32 reciprocal id = 1 / d and multiply, as ggml does"
+print("q8_0_quantize: OK, byte-exact on", ref.size + 64 * 34, "bytes,", len(split), "of them blocks where x / d would differ")
 ### BEGIN HIDDEN TESTS
 for seed in range(3):
     r = np.random.default_rng(seed + 10)
@@ -329,9 +346,25 @@ assert Q8_EXACT, f"q8_0_quantize differs from llama.cpp's own Q8_0 bytes for {NA
 # 128 quant bytes are 4 chunks of 32: byte $i$ of chunk $c$ holds value $i$ of sub-block $2c$ in its
 # low nibble and value $i$ of sub-block $2c+1$ in its high nibble.
 #
-# **The error bound we promise**: within a super-block, every decoded value is within
-# $S_{\max} = \max_j S_j$ (the coarsest sub-block step) of its input. Rounding costs half a step, and
-# the 6-bit rounding of scale and min can cost at most a few further $S_{\max}/63$.
+# **The error bound, derived from the rule.** Write $s_j = d\,sc_j$ and $o_j = d_{\min} m_j$ for the
+# step and the offset the decoder really uses. Since $sc_j \le 63$, $s_j \le 63\,d$. The 6-bit rounding
+# moves them by at most $|s_j - S_j| \le d/2$ and $|o_j - M_j| \le d_{\min}/2$. A value whose
+# $t = (x + o_j)/s_j$ lies inside the grid ($-\tfrac12 \le t \le 15.5$) goes to the nearest level: error
+# $\le s_j/2 \le 31.5\,d$. A value outside is clipped to an end level. At the bottom $x \ge -M_j$, so
+# the error is $\le M_j - o_j \le d_{\min}/2$. At the top $x \le -M_j + 15 S_j$, so the error is
+# $\le 15(S_j - s_j) + (o_j - M_j) \le 7.5\,d + d_{\min}/2$. So within a super-block, with $M_{\max} = \max_j M_j$:
+#
+# $$|\hat x - x| \;\le\; \max\big(31.5\,d,\; 7.5\,d + d_{\min}/2\big) \;\approx\; \max\Big(\frac{S_{\max}}{2},\; 0.12\,S_{\max} + \frac{M_{\max}}{126}\Big),
+# \qquad d \approx \frac{S_{\max}}{63},\; d_{\min} \approx \frac{M_{\max}}{63}.$$
+#
+# The second term is the rounding of the **min**, and no step bounds it. Q4_K is affine
+# ($\hat x = s_j q - o_j$), and a sub-block whose values all sit in a narrow band far below zero has a
+# tiny step $S_j$ but a large min $M_j$. Its offset is rounded to a multiple of $d_{\min}$, which is set
+# by the deepest sub-block of the super-block, so its values can be off by many of its own steps, and
+# by more than $S_{\max}$. An all-positive sub-block has $M_j = 0$ and $m_j = 0$, so it has no offset
+# error. But its grid starts at 0, so its step is $\max x / 15$, however narrow the band. (The bound
+# assumes fp16 stores `d` and `dmin` to better than about 1/127 of their size, so $S_j/d$ and $M_j/d_{\min}$
+# stay below 63.5. That holds unless they are deep in fp16's subnormal range, below about $4 \cdot 10^{-6}$.)
 #
 # **Shapes**: `x` float32 `[n]`, `n` a multiple of 256. Return `uint8` `[n // 256 * 144]`.
 
@@ -342,7 +375,7 @@ def q4_k_encode(x: np.ndarray) -> np.ndarray:
     x: float32 [n], n % 256 == 0 (n // 256 super-blocks of 8 sub-blocks of 32 values).
     Returns uint8 [n // 256 * 144]: per super-block d (fp16, 2 bytes), dmin (fp16, 2 bytes), 12 bytes of
     packed 6-bit scales and mins, 128 bytes of 4-bit quants. gguf.quants.dequantize(result, Q4_K)
-    gives back x to within S_max (the coarsest sub-block step) per super-block.
+    gives back x to within max(31.5 d, 7.5 d + dmin / 2) per super-block (the bound above).
     """
     ### BEGIN SOLUTION
     xb = np.asarray(x, dtype=np.float32).reshape(-1, 8, 32)          # super-blocks x sub-blocks x values
@@ -372,47 +405,86 @@ def q4_k_encode(x: np.ndarray) -> np.ndarray:
 Q4K = gguf.GGMLQuantizationType.Q4_K
 
 
-def q4k_bound(x):
-    """S_max per super-block, broadcast to every value: the stated error bound."""
+def q4k_rule_scales(x):
+    """From the rule, per super-block: the steps S_j and mins M_j [n, 8], and the fp16 d, dmin [n, 1]."""
     xb = x.reshape(-1, 8, 32)
-    steps = (xb.max(2) - np.minimum(xb.min(2), 0)) / 15
-    return np.repeat(steps.max(1), 256)
+    lo = np.minimum(xb.min(2), 0)
+    S, M = (xb.max(2) - lo) / 15, -lo
+    d = (S.max(1, keepdims=True) / 63).astype(np.float16).astype(np.float32)
+    dmin = (M.max(1, keepdims=True) / 63).astype(np.float16).astype(np.float32)
+    return S, M, d, dmin
+
+
+def q4k_bound(x):
+    """The stated bound max(31.5 d, 7.5 d + dmin / 2) of each value's super-block, one per value."""
+    _, _, d, dmin = q4k_rule_scales(x)
+    return np.repeat(np.maximum(31.5 * d, 7.5 * d + dmin / 2), 256)
+
+
+def check_q4k(x, label):
+    """Encode x and check the bytes: the rule's d, dmin, sc_j, m_j; every q the nearest level of the grid
+    the decoder uses; the error bound. Returns the errors and S_max per value."""
+    enc = q4_k_encode(x)
+    assert enc.dtype == np.uint8 and enc.shape == (x.size // 256 * 144,), (label, enc.dtype, enc.shape)
+    S, M, d_rule, dmin_rule = q4k_rule_scales(x)
+    blocks = enc.reshape(-1, 144)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    assert np.allclose(d, d_rule, rtol=2 ** -10, atol=0) and np.allclose(dmin, dmin_rule, rtol=2 ** -10, atol=0), \
+        f"{label}: d and dmin must be fp16(max_j S_j / 63) and fp16(max_j M_j / 63)"
+    sc, m = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16].copy())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        assert np.all(np.where(d > 0, np.abs(sc - S / d) <= 0.5 + 1e-3, sc == 0)), \
+            f"{label}: sc_j must be round(S_j / d), with d the stored fp16 value"
+        assert np.all(np.where(dmin > 0, np.abs(m - M / dmin) <= 0.5 + 1e-3, m == 0)), \
+            f"{label}: m_j must be round(M_j / dmin), with dmin the stored fp16 value"
+    xb = x.reshape(-1, 8, 32)
+    dec = gguf.quants.dequantize(enc, Q4K).reshape(-1, 8, 32)
+    assert np.isfinite(dec).all(), f"{label}: non-finite values"
+    levels = (d * sc)[..., None] * np.arange(16, dtype=np.float32) - (dmin * m)[..., None]   # [n, 8, 16]
+    nearest = np.abs(xb[..., None] - levels[:, :, None, :]).min(-1)
+    assert (np.abs(dec - xb) <= nearest + 1e-6 * np.abs(xb).max()).all(), \
+        f"{label}: q must be the nearest level of the grid the decoder uses, round((x + dmin m_j) / (d sc_j)) with the stored d, sc_j"
+    err = np.abs(dec.reshape(-1) - x)
+    bound = q4k_bound(x)
+    assert (err <= bound * (1 + 1e-5) + 1e-6 * np.abs(x)).all(), \
+        f"{label}: max error / bound = {(err / np.maximum(bound, 1e-30)).max():.3f} > 1"
+    return err, np.repeat(S.max(1), 256)
 
 
 rng = np.random.default_rng(0)
 x = (rng.standard_normal(256 * 12) * rng.uniform(0.05, 2.0, (12, 1)).repeat(256, 1).reshape(-1)).astype(np.float32)
-enc = q4_k_encode(x)
-assert enc.dtype == np.uint8 and enc.shape == (12 * 144,), (enc.dtype, enc.shape)
-dec = gguf.quants.dequantize(enc, Q4K).reshape(-1)
-err = np.abs(dec - x)
-assert (err <= q4k_bound(x) * 1.0001).all(), f"max error / bound = {(err / q4k_bound(x)).max():.3f} > 1"
+err, _ = check_q4k(x, "random blocks")
+dec = gguf.quants.dequantize(q4_k_encode(x), Q4K).reshape(-1)
 rel = float(np.linalg.norm(dec - x) / np.linalg.norm(x))
 assert rel < 0.1, f"relative error {rel:.4f} is too large for 4.5 bits/weight"
-print(f"q4_k_encode: OK, decoded by gguf within the bound; relative error {rel:.4f}, max error/bound {(err / q4k_bound(x)).max():.3f}")
+# sub-blocks in narrow bands far from zero: all negative (a large min) and all positive (the grid starts at 0)
+neg = (-rng.uniform(1, 20, (16, 1)) - 0.05 * rng.random((16, 32))).astype(np.float32).reshape(-1)
+pos = (rng.uniform(1, 20, (8, 1)) + 0.05 * rng.random((8, 32))).astype(np.float32).reshape(-1)
+err_neg, s_neg = check_q4k(neg, "all-negative bands")
+err_pos, s_pos = check_q4k(pos, "all-positive bands")
+print(f"q4_k_encode: OK, decoded by gguf within the bound; relative error {rel:.4f}; max error / S_max: "
+      f"random {(err / q4k_rule_scales(x)[0].max(1).repeat(256)).max():.2f}, "
+      f"all-negative bands {(err_neg / s_neg).max():.2f}, all-positive bands {(err_pos / s_pos).max():.2f}")
 ### BEGIN HIDDEN TESTS
-cases = [
-    rng.standard_normal(256 * 4) * 0.02,                      # typical weights
-    -np.abs(rng.standard_normal(256 * 2)),                    # all negative: needs the mins
-    np.abs(rng.standard_normal(256 * 2)) + 3.0,               # all positive, far from 0
-    np.concatenate([rng.standard_normal(256) * 0.01, np.zeros(256)]),  # a zero super-block
-]
+cases = {
+    "typical weights": rng.standard_normal(256 * 4) * 0.02,
+    "all negative": -np.abs(rng.standard_normal(256 * 2)),
+    "all positive, far from 0": np.abs(rng.standard_normal(256 * 2)) + 3.0,
+    "a zero super-block": np.concatenate([rng.standard_normal(256) * 0.01, np.zeros(256)]),
+    "lopsided": rng.uniform(-0.1, 1.0, 256 * 2),
+    "negative bands, mixed widths": (-rng.uniform(0.5, 20, (32, 1)) - 10 ** rng.uniform(-3, 0, (32, 1)) * np.abs(rng.standard_normal((32, 32)))).reshape(-1),
+    "bands of both signs": (rng.uniform(-20, 20, (32, 1)) + 10 ** rng.uniform(-3, 1, (32, 1)) * rng.standard_normal((32, 32))).reshape(-1),
+}
 spiky = rng.standard_normal(256 * 2) * 0.01                   # one huge sub-block, the rest tiny
 spiky[40:72] *= 300
-cases.append(spiky)
-lopsided = rng.uniform(-0.1, 1.0, 256 * 2)                    # lopsided blocks: the min matters
-cases.append(lopsided)
-for k, c in enumerate(cases):
-    c = c.astype(np.float32)
-    dec = gguf.quants.dequantize(q4_k_encode(c), Q4K).reshape(-1)
-    assert np.isfinite(dec).all(), f"case {k}: non-finite values"
-    assert (np.abs(dec - c) <= q4k_bound(c) * 1.0001 + 1e-12).all(), \
-        f"case {k}: max error / bound = {(np.abs(dec - c) / np.maximum(q4k_bound(c), 1e-30)).max():.3f}"
+cases["spiky"] = spiky
+# the 6-bit scales and mins are really used: sub-block scales above 15 must survive the packing
+cases["graded scales"] = np.linspace(-1, 1, 256) * np.repeat(np.linspace(0.2, 1.0, 8), 32)
+for label, c in cases.items():
+    check_q4k(c.astype(np.float32), label)
 zero = q4_k_encode(np.zeros(256, np.float32))
 assert np.all(gguf.quants.dequantize(zero, Q4K) == 0)
-# the 6-bit scales and mins are really used: a sub-block scale above 15 must survive the packing
-big = np.linspace(-1, 1, 256).astype(np.float32) * np.repeat(np.linspace(0.2, 1.0, 8), 32).astype(np.float32)
-dec = gguf.quants.dequantize(q4_k_encode(big), Q4K).reshape(-1)
-assert np.abs(dec - big).max() <= q4k_bound(big).max() * 0.75
 ### END HIDDEN TESTS
 
 # %% [markdown] id="cell-16"
@@ -489,28 +561,52 @@ def q4_k_m_tensor_type(name: str, row_length: int, n_layers: int, tied_embedding
 
 
 # %% id="test_q4_k_m_tensor_type" nbgrader={"grade": true, "grade_id": "test_q4_k_m_tensor_type", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
+# What llama.cpp's own quantizer (llama_model_quantize, Q4_K_M) wrote, recorded from Llama files of
+# n layers whose rows are all 256 long (no fallback): the layers whose attn_v and ffn_down got Q6_K.
+# Every other block tensor got Q4_K; the output matrix (token_embd when tied) Q6_K.
+LLAMA_CPP_Q6_K_LAYERS = {
+    12: [0, 3, 6, 9, 10, 11],
+    22: [0, 1, 4, 7, 10, 13, 16, 19, 20, 21],
+    30: [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29],
+    32: [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31],
+    40: [0, 1, 2, 3, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31, 34, 35, 36, 37, 38, 39],
+}
+KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def recipe_errors(n_layers, row, tied, want):
+    """(name, got, wanted) for every block tensor of every layer whose type differs from want(kind, i)."""
+    return [(f"blk.{i}.{kind}.weight", got, want(kind, i)) for kind in KINDS for i in range(n_layers)
+            if (got := q4_k_m_tensor_type(f"blk.{i}.{kind}.weight", row(kind), n_layers, tied)) != want(kind, i)]
+
+
 # SmolLM2-135M: 30 layers, hidden 576, FFN 1536, tied embeddings (what llama.cpp wrote for it)
 f = lambda name, row: q4_k_m_tensor_type(name, row, 30, True)
 assert f("token_embd.weight", 576) == "Q8_0", "tied embeddings act as the output (Q6_K), and 576 forces Q6_K -> Q8_0"
 assert f("blk.0.attn_q.weight", 576) == "Q5_0", "576 is not a multiple of 256: Q4_K falls back to Q5_0"
-assert f("blk.4.ffn_gate.weight", 576) == "Q5_0"
 six = [i for i in range(30) if f(f"blk.{i}.ffn_down.weight", 1536) == "Q6_K"]
-assert six == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29], six
-assert all(f(f"blk.{i}.ffn_down.weight", 1536) == "Q4_K" for i in range(30) if i not in six)
+assert six == LLAMA_CPP_Q6_K_LAYERS[30], f"ffn_down gets Q6_K in the use_more_bits layers: got {six}"
 v8 = [i for i in range(30) if f(f"blk.{i}.attn_v.weight", 576) == "Q8_0"]
 assert v8 == six, f"attn_v follows the same use_more_bits layers (then Q6_K -> Q8_0): {v8}"
-assert f("blk.3.attn_v.weight", 576) == "Q5_0"
-print("q4_k_m_tensor_type: OK")
+more = set(LLAMA_CPP_Q6_K_LAYERS[30])
+smol = {"attn_v": lambda i: "Q8_0" if i in more else "Q5_0", "ffn_down": lambda i: "Q6_K" if i in more else "Q4_K"}
+wrong = recipe_errors(30, lambda kind: 1536 if kind == "ffn_down" else 576, True,
+                      lambda kind, i: smol[kind](i) if kind in smol else "Q5_0")
+assert not wrong, f"{len(wrong)} of {30 * len(KINDS)} block tensors differ from llama.cpp's SmolLM2 file (name, yours, llama.cpp's): {wrong[:4]}"
+print("q4_k_m_tensor_type: OK, every block tensor of SmolLM2 as in llama.cpp's file")
 ### BEGIN HIDDEN TESTS
+# every tensor kind of every layer, for other depths, without the fallback (rows of 256 and 4096)
+for n, layers in LLAMA_CPP_Q6_K_LAYERS.items():
+    for row, tied in ((256, True), (4096, False)):
+        wrong = recipe_errors(n, lambda kind: row, tied,
+                              lambda kind, i: "Q6_K" if kind in ("attn_v", "ffn_down") and i in layers else "Q4_K")
+        assert not wrong, f"{n} layers: {len(wrong)} block tensors differ from llama.cpp's Q4_K_M: {wrong[:4]}"
 # a Llama-2-7B-like model: 32 layers, hidden 4096 (no fallback), untied output
 g7 = lambda name, row: q4_k_m_tensor_type(name, row, 32, False)
 assert g7("output.weight", 4096) == "Q6_K"
 assert g7("token_embd.weight", 4096) == "Q4_K", "an untied embedding keeps the default type"
-more = [i for i in range(32) if g7(f"blk.{i}.attn_v.weight", 4096) == "Q6_K"]
-assert more == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31], more
-assert [i for i in range(32) if g7(f"blk.{i}.ffn_down.weight", 11008) == "Q6_K"] == more
-assert g7("blk.5.attn_k.weight", 4096) == "Q4_K" and g7("blk.0.attn_output.weight", 4096) == "Q4_K"
-assert g7("blk.0.ffn_up.weight", 4096) == "Q4_K"
+assert q4_k_m_tensor_type("token_embd.weight", 256, 12, True) == "Q6_K"
+assert [i for i in range(32) if g7(f"blk.{i}.ffn_down.weight", 11008) == "Q6_K"] == LLAMA_CPP_Q6_K_LAYERS[32]
 # rows not divisible by 32 either: F16
 assert q4_k_m_tensor_type("blk.1.attn_q.weight", 100, 8, True) == "F16"
 assert q4_k_m_tensor_type("token_embd.weight", 100, 8, True) == "F16"
@@ -728,7 +824,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, percdamp: float =
 
     W: [out, in] float weight. H: [in, in] = 2 X^T X / N, the Hessian of the output error.
     bits: grid size 2^bits per output row, from quant.minmax_params(W, bits) on the original W.
-    percdamp: dampening, added to H's diagonal as percdamp * mean(diag H).
+    percdamp: dampening, added to H's diagonal as percdamp * mean(diag H), after the dead-input fix:
+       an input i with H[i, i] == 0 (never active) gets H[i, i] = 1 and W[:, i] = 0, so Q[:, i] = 0.
     Returns Q [out, in] float: dequantized values, every one on its row's grid. W and H are not modified.
     """
     ### BEGIN SOLUTION
@@ -773,9 +870,13 @@ assert torch.allclose(gptq_quantize(W, torch.diag(torch.rand(32, generator=g) + 
 print(f"gptq_quantize: OK (output error {e(Q):.3f} vs RTN {e(rtn):.3f})")
 ### BEGIN HIDDEN TESTS
 def obq_reference(W, H, bits, percdamp=0.01):
-    """Independent check: the OBQ form, explicit inverse Hessian with one column removed per step (float64)."""
+    """Independent check: the OBQ form, explicit inverse Hessian with one column removed per step (float64),
+    after the GPTQ reference code's dead-input fix."""
     W = W.clone().double(); H = H.clone().double(); n = W.shape[1]
     scale, zero = quant.minmax_params(W.float(), bits)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(n, dtype=torch.float64)
     Hinv = torch.linalg.inv(H)
     Q = torch.zeros_like(W)
@@ -796,11 +897,18 @@ for bits in (2, 4):
     got = gptq_quantize(Ws, Hs, bits)
     agree = float(((got - ref).abs() < 1e-4).float().mean())
     assert agree > 0.95, f"bits={bits}: only {agree:.0%} of values agree with the OBQ reference"
-# a dead input (never active) does not break anything
-Xd = X.clone(); Xd[:, 5] = 0
-Hd = 2 * Xd.T @ Xd / Xd.shape[0]
-Qd = gptq_quantize(W, Hd, 3)
-assert torch.isfinite(Qd).all()
+# dead inputs (never active, H[i, i] = 0): H[i, i] = 1 and W[:, i] = 0 before the dampening, so Q[:, i] = 0;
+# small activations, so that the fixed diagonal changes the dampening too
+for dead in ([5], [0, 7, 8]):
+    Xd = 0.01 * torch.randn(96, 16, generator=g) @ torch.randn(16, 16, generator=g)
+    Xd[:, dead] = 0
+    Wd = torch.randn(8, 16, generator=g)
+    Hd = 2 * Xd.T @ Xd / Xd.shape[0]
+    Qd = gptq_quantize(Wd, Hd, 3)
+    assert torch.isfinite(Qd).all()
+    assert torch.equal(Qd[:, dead], torch.zeros(8, len(dead))), "a dead input's weights must be set to 0 (W[:, i] = 0), not rounded"
+    agree = float(((Qd - obq_reference(Wd, Hd, 3)).abs() < 1e-4).float().mean())
+    assert agree > 0.99, f"dead inputs {dead}: only {agree:.0%} of values agree with the reference (set H[i, i] = 1 before the dampening)"
 ### END HIDDEN TESTS
 
 # %% id="cell-32"
