@@ -3,9 +3,15 @@
 Nothing here verifies a draft or runs a speculative loop: those are the lesson's exercises.
 
 - ``cut_draft`` / ``load_draft``: a draft that shares the teacher's tokenizer, made of the teacher's
-  first layers, its final norm and its (tied) head, like the early-exit drafts of LayerSkip and
-  self-speculative decoding; ``load_draft`` can give it a short distillation (KL to the teacher on
-  the teacher's own replies) and caches the result under ``$BREWSLM_CACHE``.
+  first layers, its final norm and its (tied) head: an early exit, the draft LayerSkip (Elhoushi et
+  al. 2024) trains the target to make good (self-speculative decoding in Draft & Verify, Zhang et al.
+  2023, skips a chosen set of *intermediate* layers instead); ``load_draft`` can give it a short
+  distillation (KL to the teacher on the teacher's own replies) and caches the result under
+  ``$BREWSLM_CACHE``.
+- ``tool_call_ids`` / ``few_shot_rows``: lesson 12's tool-call prompts with worked examples, for the
+  prompt-lookup draft; ``replay_greedy_rounds``: the rounds a greedy speculative decoder makes with
+  a given proposal function, replayed on the target's known greedy reply.
+- ``forward_seconds``: the time of one cached target forward on ``n`` new positions (verification cost).
 - ``configure_assistant``: fix transformers' assisted generation to exactly K draft tokens a round.
 - ``to_probs``: next-token probabilities at a temperature (temperature 0 = greedy, one-hot).
 - ``tiny_llama`` / ``noisy_copy`` / ``threads``: tiny Llama targets and drafts for fast tests.
@@ -24,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -47,11 +54,86 @@ _ASKS = ["Write a short paragraph about {}.", "Tell me three facts about {}.", "
 TRAIN_REQUESTS = [ask.format(topic) for topic in _TOPICS for ask in _ASKS]
 
 
-def chat_ids(tokenizer, user: str) -> torch.Tensor:
-    """``user`` in the model's chat template, ending where the reply starts: input ids ``[1, T]``."""
-    messages = [{"role": "user", "content": user}]
+def chat_ids(tokenizer, user: str | list[dict]) -> torch.Tensor:
+    """``user`` (a message, or a list of chat messages) in the model's chat template, ending where the
+    reply starts: input ids ``[1, T]``."""
+    messages = [{"role": "user", "content": user}] if isinstance(user, str) else user
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+
+# The worked examples of the tool-call prompt: the first training row of each kind, in this order.
+FEW_SHOT_KINDS = ("get_weather", "convert_currency", None, "set_timer")
+
+
+def few_shot_rows(rows: list[dict], kinds=FEW_SHOT_KINDS) -> list[dict]:
+    """The first row of ``rows`` (lesson 12's data rows) whose call names each tool in ``kinds``
+    (None: a request that needs no tool), in the order of ``kinds``."""
+    return [next(r for r in rows if (r["call"]["name"] if r["call"] else None) == kind) for kind in kinds]
+
+
+def tool_call_messages(request: str, shots: list[dict]) -> list[dict]:
+    """Lesson 12's router conversation with worked examples: the system message (the tool catalogue),
+    then each row of ``shots`` as a user turn and its correct reply (``tools.target_reply``) as the
+    assistant's, then ``request`` as the last user turn."""
+    from . import tools
+
+    system, user = tools.messages(request)
+    turns = []
+    for row in shots:
+        turns += [{"role": "user", "content": row["request"]},
+                  {"role": "assistant", "content": tools.target_reply(row)}]
+    return [system, *turns, user]
+
+
+def tool_call_ids(tokenizer, request: str, shots: list[dict]) -> torch.Tensor:
+    """``tool_call_messages(request, shots)`` as input ids ``[1, T]``, ending where the reply starts."""
+    return chat_ids(tokenizer, tool_call_messages(request, shots))
+
+
+def replay_greedy_rounds(prompt: list[int], reply: list[int], propose: Callable[[list[int], int], list[int]],
+                         K: int, max_new_tokens: int) -> dict:
+    """The rounds greedy speculative decoding makes with the proposal function ``propose``, replayed
+    on the target's own greedy ``reply`` to ``prompt`` (token-id lists; ``reply`` as ``generate``
+    returned it: at most ``max_new_tokens`` tokens, ending at the end-of-sequence token or the cap).
+
+    Greedy verification keeps the longest prefix of a proposal that equals the target's greedy
+    continuation, plus one token of the target's, so the target's reply fixes every round. A round at
+    ``j`` committed tokens proposes ``propose(prompt + reply[:j], K)``, nothing when one token is left
+    (as transformers' assisted generation does), and commits the ``n`` matching drafts plus one, cut at
+    the reply's end. Returns ``{"rounds": target forwards, "drafted": proposed tokens, "accepted":
+    committed drafts, "proposed": [tokens proposed per round], "kept": [drafts committed per round]}``.
+    """
+    j, proposed, kept = 0, [], []
+    while j < len(reply):
+        draft = [] if j == max_new_tokens - 1 else [int(t) for t in propose(list(prompt) + list(reply[:j]), K)]
+        n = 0
+        while n < len(draft) and j + n < len(reply) and draft[n] == reply[j + n]:
+            n += 1
+        commit = min(n + 1, len(reply) - j)
+        proposed.append(len(draft))
+        kept.append(commit - 1)
+        j += commit
+    return {"rounds": len(proposed), "drafted": sum(proposed), "accepted": sum(kept), "proposed": proposed,
+            "kept": kept}
+
+
+@torch.inference_mode()
+def forward_seconds(model, context: torch.Tensor, n_new: int, repeats: int = 5) -> float:
+    """Median seconds of one cached forward of ``model`` on ``n_new`` new positions after ``context``
+    (``[1, T]`` ids, prefilled once), what verifying ``n_new - 1`` drafts costs (``logits_to_keep``
+    ``n_new``, as in a verification step). The cache is cropped back after each repeat."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    model(input_ids=context[:, :-n_new], cache=cache, use_cache=True, logits_to_keep=1)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(input_ids=context[:, -n_new:], cache=cache, use_cache=True, logits_to_keep=n_new)
+        times.append(time.perf_counter() - start)
+        cache.crop(-n_new)
+    return float(sorted(times)[len(times) // 2])
 
 
 def to_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -254,3 +336,66 @@ def tokens_per_second(fn: Callable[[], int], repeats: int = 1) -> tuple[float, f
         n_tokens = fn()
         best = min(best, time.perf_counter() - start)
     return n_tokens / best, best
+
+
+def bootstrap_interval(statistic: Callable, *samples, n_resamples: int = 2000, seed: int = 0,
+                       confidence: float = 0.95) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of ``statistic(*samples)`` resampling the *units* (e.g. one
+    value per request in each of ``samples``, paired), with scipy's ``stats.bootstrap``. With fewer
+    than two units there is nothing to resample: ``(nan, nan)``."""
+    from scipy import stats
+
+    if len(samples[0]) < 2:
+        return float("nan"), float("nan")
+    res = stats.bootstrap(tuple(np.asarray(s, dtype=float) for s in samples), statistic, paired=True,
+                          vectorized=False, n_resamples=n_resamples, method="percentile",
+                          confidence_level=confidence, random_state=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def load_llama_lookup(path, K: int | None, max_ngram: int = 3, n_ctx: int = 1024, n_threads: int | None = None):
+    """A ``llama_cpp.Llama`` on the GGUF ``path`` for greedy generation; with ``K``, speculative
+    decoding with llama-cpp-python's prompt-lookup draft (``LlamaPromptLookupDecoding``:
+    ``num_pred_tokens=K``, ``max_ngram_size=max_ngram``). llama-cpp-python then keeps the logits of
+    every evaluated position (it needs them to verify drafts), which costs time of its own."""
+    import llama_cpp
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    from .budget import cpu_threads
+
+    draft = LlamaPromptLookupDecoding(max_ngram_size=max_ngram, num_pred_tokens=K) if K else None
+    n_threads = n_threads or cpu_threads()
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                           draft_model=draft, seed=0, verbose=False)
+
+
+def llama_greedy(llm, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
+    """``(reply token ids, seconds)``: llama.cpp's greedy continuation of ``prompt_ids``, at most
+    ``max_new_tokens``, ending with the end-of-sequence token when it comes (as ``generate`` returns
+    it). The KV cache of the prompt prefix shared with the previous call is reused."""
+    start = time.perf_counter()
+    out = []
+    for token in llm.generate([int(t) for t in prompt_ids], top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
+                              repeat_penalty=1.0):
+        out.append(int(token))
+        if token == llm.token_eos() or len(out) >= max_new_tokens:
+            break
+    return out, time.perf_counter() - start
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first index where token lists ``a`` and ``b`` differ (a length counts), None if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@torch.inference_mode()
+def top2_margins(model, sequence: list[int], start: int) -> torch.Tensor:
+    """``[len(sequence) - start]`` float: the gap between the model's two largest next-token logits at
+    each position that predicts ``sequence[start:]`` (one forward pass). A small gap is a near tie:
+    a tiny numerical difference can flip the greedy choice there."""
+    logits = model(input_ids=torch.tensor([sequence])).logits[0, start - 1:-1].float()
+    top = logits.topk(2, dim=-1).values
+    return top[:, 0] - top[:, 1]

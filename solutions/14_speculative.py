@@ -33,16 +33,22 @@
 # 1. `simulate_tokens_per_round`: the acceptance arithmetic, simulated and compared with its closed form.
 # 2. `verify_draft`: the accept/resample step, $\min(1, p/q)$ and the residual $\mathrm{norm}(\max(0, p-q))$.
 # 3. `speculative_generate`: the whole loop, with a KV cache for the draft and for the target.
+# 4. `prompt_lookup_draft`: a draft with no model at all, copying from the context (transformers' rule).
 #
 # **You will check** that greedy output equals the target's greedy output, that sampled output has
 # the target's distribution (a $\chi^2$ test on a toy vocabulary and on the real model at one
 # position), and that your loop agrees with transformers' `generate(assistant_model=...)`.
 #
-# **You will measure**, on the real SmolLM2-135M-Instruct target with a draft cut from its own first
-# layers (same tokenizer): $\alpha$, tokens per target forward against the formula, and the
-# wall-clock speedup for several $K$, next to the **KV-cache speedup** and the **batching gain**
-# measured in the same run. Which of the three moves latency most on a 135M model on a CPU is the
-# point of the lesson, and the notebook measures it rather than asserting it.
+# **You will measure**, on the real SmolLM2-135M-Instruct target, two drafts in the two regimes:
+# - a draft **cut from the target's own first layers** (same tokenizer) on free-text replies: $\alpha$,
+#   tokens per target forward against the formula, and the wall-clock speedup for several $K$, next to
+#   the **KV-cache speedup** and the **batching gain** measured in the same run;
+# - **prompt lookup** on lesson 12's tool-call replies, where the reply copies the prompt: $\alpha$ with
+#   an interval, tokens per target forward against the formula across $K$, the wall-clock speed-up with
+#   repeated timings next to the cut draft's on the same requests, and llama.cpp's own lookup decoding.
+#
+# Which lever moves latency most on a 135M model on a CPU, and when speculation pays, is the point of
+# the lesson, and the notebook measures it rather than asserting it.
 
 # %% id="parameters" tags=["parameters"]
 import os
@@ -50,6 +56,7 @@ BUDGET = os.environ.get("BREWSLM_BUDGET", "full")
 
 # %% id="setup" nbgrader={"grade": false, "locked": true, "schema_version": 3, "solution": false, "task": false, "grade_id": "setup"}
 # %matplotlib inline
+import json
 import math
 import os
 import time
@@ -68,16 +75,20 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.generation.utils import _speculative_sampling  # transformers' accept/resample step
 
-from brewslm_helpers import budget, models, report, speculative
+from brewslm_helpers import budget, models, report, speculative, tools
 from brewslm_helpers.speculative import to_probs
 
 torch.manual_seed(0)
 CFG = budget.pick(
     BUDGET,
     ci=dict(sim_rounds=4000, draft_layers=[2, 4], alpha_requests=1, alpha_tokens=8, Ks=[2],
-            timing_tokens=8, timing_repeats=1, batch=4, sample_runs=20, temperature=1.0),
+            timing_tokens=8, timing_repeats=1, batch=4, sample_runs=20, temperature=1.0,
+            pl_requests=4, pl_batch=4, pl_new_tokens=64, pl_ngram=3, pl_Ks=[1, 2, 4, 8],
+            pl_time_requests=2, pl_time_Ks=[8], pl_time_repeats=1, pl_llama_requests=2),
     full=dict(sim_rounds=20000, draft_layers=[2, 4, 8], alpha_requests=2, alpha_tokens=32, Ks=[1, 2, 4],
-              timing_tokens=32, timing_repeats=1, batch=8, sample_runs=60, temperature=1.0),
+              timing_tokens=32, timing_repeats=1, batch=8, sample_runs=60, temperature=1.0,
+              pl_requests=None, pl_batch=16, pl_new_tokens=64, pl_ngram=3, pl_Ks=[1, 2, 4, 8, 16],
+              pl_time_requests=16, pl_time_Ks=[2, 4, 8], pl_time_repeats=3, pl_llama_requests=16),
 )
 teacher, tok = models.load_teacher()
 print(f"budget {BUDGET}: {CFG}")
@@ -514,9 +525,12 @@ with speculative.threads(1):
 # Speculation needs a draft over the **same vocabulary**: the target scores the draft's token ids as
 # its own. (transformers can also bridge two tokenizers, "universal assisted generation", at a
 # cost in acceptance.) The cheapest same-tokenizer draft is the target itself with most of its
-# layers cut: keep the first $L$ decoder layers, the final norm and the tied head. This is the
-# early-exit draft of LayerSkip and of self-speculative decoding, here without the training those
-# methods add to make early layers predict well. `speculative.cut_draft(teacher, L)` builds it.
+# layers cut: keep the first $L$ decoder layers, the final norm and the tied head, an **early exit**.
+# LayerSkip (Elhoushi et al. 2024) drafts this way, after training the target (layer dropout and an
+# early-exit loss) so that its early layers predict well; we use the exit untrained. Self-speculative
+# decoding in the sense of Draft & Verify (Zhang et al. 2023) builds its draft differently: it skips a
+# searched-for subset of the *intermediate* layers and keeps the rest, so no extra model is trained.
+# `speculative.cut_draft(teacher, L)` builds the early exit.
 #
 # We measure three candidates on the teacher's own greedy replies (the text the draft will have to guess):
 # - **greedy α**: how often the draft's arg-max equals the target's,
@@ -580,12 +594,13 @@ print(f"\nchosen draft: the first {DRAFT_LAYERS} layers (greedy α {ALPHA_G:.3f}
 
 # %% [markdown] id="c18"
 # Read the table before the timings. A cut draft that was never trained to exit early agrees with the
-# target far less often than a trained draft would. Distilled drafts, and EAGLE or Medusa heads that
-# read the target's own hidden states, reach $\alpha$ of 0.6–0.8 on large models. With the
-# $\alpha$ and $c$ measured here, the speedup model above already predicts the outcome.
-# `speculative.load_draft(teacher, tok, L, steps=...)` distils the cut draft on the teacher's replies
-# (KL to the teacher, embeddings frozen) and caches it, if you want to see how far a few minutes of
-# training move $\alpha$. It is not run here because it takes longer than this lesson's budget.
+# target rarely, and with the $\alpha$ and $c$ measured here the speedup model above already predicts
+# the outcome. Drafts trained for the job (a distilled small model; EAGLE or Medusa heads on the
+# target's own features, section 7) guess far better; `speculative.load_draft(teacher, tok, L,
+# steps=...)` distils the cut draft on the teacher's replies (KL to the teacher, embeddings frozen) and
+# caches it, if you want to see how far a few minutes of training move $\alpha$. It is not run here
+# because it takes longer than this lesson's budget. Section 7 instead shows a draft that needs no
+# training at all, on a task that suits it.
 #
 # The left plot is section 1's simulation; the right is the speedup model with this draft's $c$.
 
@@ -732,10 +747,451 @@ for v, o, e in zip(big, obs, exp):
 print(f"{'(all others)':>14} {obs[-1]:>9} {exp[-1]:>9.1f}")
 print(f"chi-square goodness of fit against the target's p: p-value {SAMPLE_P:.3f}")
 
+# %% [markdown] id="pl_intro"
+# ## 7. A draft that fits the task: prompt lookup on tool calls
+#
+# The cut draft lost for two reasons measured above: it rarely guesses the target's token (low
+# $\alpha$), and it is not cheap (its head alone sets $c$). Both change when the text to be written
+# is largely **already in the context**. Lesson 12's router replies are such a text: in
+#
+# `<tool_call>{"name":"get_weather","arguments":{"city":"Lisbon"}}</tool_call>`
+#
+# the format comes from the worked examples in the prompt, the tool name and the argument keys from the
+# tool catalogue in the system message, and "Lisbon" from the user's request. **Prompt lookup
+# decoding** (Saxena 2023, `apoorvumang/prompt-lookup-decoding`; transformers'
+# `generate(prompt_lookup_num_tokens=K)`; llama.cpp's lookup decoding) drafts without any model: find
+# the last few tokens of the text earlier in the context, and propose the tokens that followed them
+# there. A draft step is a search over a few hundred token ids, so $c \approx 0$, and when the reply
+# copies, the proposals are right.
+#
+# **Exercise 4.** `prompt_lookup_draft(context, K, max_ngram, eos_token_id)`, the rule transformers'
+# `PromptLookupCandidateGenerator` applies (the tests compare you with it on thousands of contexts):
+#
+# 1. Try n-gram sizes $n$ from `min(max_ngram, len(context) - 1)` **down to** 1 (a longer match is
+#    stronger evidence). The n-gram is the last $n$ tokens of `context`.
+# 2. For one $n$, look at the places where that n-gram occurs in `context`, **earliest first** (the
+#    occurrence at the very end is the n-gram itself and has nothing after it). The first occurrence
+#    with at least one token after it wins: propose the up to $K$ tokens that follow it (never past the
+#    end of `context`).
+# 3. Cut the proposal before its first `eos_token_id` (a draft that ran past the end of an earlier turn
+#    would let the target accept the end of a turn and keep going). Return what is left, which may be
+#    empty; do not go on searching after a winner has been cut to nothing.
+# 4. No occurrence with a continuation for any $n$: return `[]` (that round is plain decoding).
+
+# %% id="ex_prompt_lookup_draft" nbgrader={"grade": false, "locked": false, "schema_version": 3, "solution": true, "task": false, "grade_id": "ex_prompt_lookup_draft"}
+def prompt_lookup_draft(context: list[int], K: int, max_ngram: int = 3, eos_token_id: int | None = None) -> list[int]:
+    """Propose up to K draft tokens by copying what followed the context's last n-gram earlier in it.
+
+    context: the token ids so far (prompt + committed reply), a list of ints.
+    K: the most tokens to propose (>= 1).
+    max_ngram: the longest n-gram to match (>= 1); shorter ones are tried when it has no match.
+    eos_token_id: if given, the proposal is cut before its first occurrence.
+    Returns a list of at most K ints, [] when nothing matched (transformers' rule, see above).
+    """
+    ### BEGIN SOLUTION
+    L = len(context)
+    for n in range(min(max_ngram, L - 1), 0, -1):
+        tail = context[L - n:]
+        for i in range(L - n + 1):
+            if context[i:i + n] == tail and i + n < L:
+                proposal = context[i + n:min(i + n + K, L)]
+                if eos_token_id is not None and eos_token_id in proposal:
+                    proposal = proposal[:proposal.index(eos_token_id)]
+                return list(proposal)
+    return []
+    ### END SOLUTION
+
+
+# %% id="test_prompt_lookup_draft" nbgrader={"grade": true, "locked": true, "schema_version": 3, "solution": false, "task": false, "grade_id": "test_prompt_lookup_draft", "points": 2}
+from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+
+def _hf_lookup(context, K, max_ngram, eos=None):
+    """transformers' prompt-lookup proposal for `context` (the reference)."""
+    gen = PromptLookupCandidateGenerator(eos_token_id=None if eos is None else torch.tensor([eos]),
+                                         num_output_tokens=K, max_matching_ngram_size=max_ngram, max_length=10 ** 9)
+    ids, _ = gen.get_candidates(torch.tensor([context]))
+    return ids[0, len(context):].tolist()
+
+
+# the last 2-gram (7, 8) occurred at position 1: propose what followed it
+assert prompt_lookup_draft([5, 7, 8, 9, 4, 7, 8], K=2, max_ngram=2) == [9, 4], prompt_lookup_draft([5, 7, 8, 9, 4, 7, 8], 2, 2)
+assert prompt_lookup_draft([5, 7, 8, 9, 4, 7, 8], K=10, max_ngram=2) == [9, 4, 7, 8], "at most K, never past the end"
+assert prompt_lookup_draft([1, 2, 3, 4], K=3, max_ngram=3) == [], "no earlier occurrence: no proposal"
+assert prompt_lookup_draft([3, 1, 2, 6, 3], K=2, max_ngram=3) == [1, 2], "falls back to shorter n-grams"
+assert prompt_lookup_draft([3, 2, 0, 9, 2, 5, 9, 2], K=4, max_ngram=3, eos_token_id=5) == [], "cut before eos"
+for ctx, K, n in [([5, 7, 8, 9, 4, 7, 8], 2, 2), ([3, 1, 2, 6, 3], 2, 3), ([1, 1, 1, 1], 2, 1)]:
+    assert prompt_lookup_draft(ctx, K, n) == _hf_lookup(ctx, K, n), (ctx, K, n)
+print("prompt_lookup_draft: OK")
+### BEGIN HIDDEN TESTS
+# the earliest occurrence wins, not the latest: (4, 6) is followed by 1 first, then by 2
+assert prompt_lookup_draft([4, 6, 1, 0, 4, 6, 2, 0, 4, 6], K=1, max_ngram=2) == [1]
+# the longest n-gram wins: 1-gram 6 occurs at 1 (-> 1), the 3-gram (0, 4, 6) only at 3 (-> 2)
+assert prompt_lookup_draft([9, 6, 1, 0, 4, 6, 2, 0, 4, 6], K=1, max_ngram=3) == [2]
+# the copy starts after the n-gram, not at it
+assert prompt_lookup_draft([7, 3, 5, 7, 3], K=2, max_ngram=2) == [5, 7]
+# a winner cut to nothing by eos ends the search (transformers does not look further)
+assert prompt_lookup_draft([4, 2, 4, 9, 4], K=3, max_ngram=1, eos_token_id=2) == []
+g_pl = torch.Generator().manual_seed(0)
+for trial in range(3000):
+    L_ = int(torch.randint(1, 40, (1,), generator=g_pl))
+    V_ = int(torch.randint(2, 9, (1,), generator=g_pl))
+    ctx = torch.randint(0, V_, (L_,), generator=g_pl).tolist()
+    K_, n_ = int(torch.randint(1, 7, (1,), generator=g_pl)), int(torch.randint(1, 5, (1,), generator=g_pl))
+    eos_ = None if trial % 3 == 0 else int(torch.randint(0, V_, (1,), generator=g_pl))
+    got = prompt_lookup_draft(ctx, K_, n_, eos_)
+    assert isinstance(got, list) and all(isinstance(t, int) for t in got), type(got)
+    assert got == _hf_lookup(ctx, K_, n_, eos_), (ctx, K_, n_, eos_, got, _hf_lookup(ctx, K_, n_, eos_))
+### END HIDDEN TESTS
+
+# %% [markdown] id="pl_task_md"
+# ### The task: the router's replies to held-out requests
+#
+# The target is the model as shipped, prompted as lesson 12's router with **worked examples**: the
+# system message with the tool catalogue, then four requests with their correct replies as earlier
+# turns of the conversation (`speculative.tool_call_messages`: one weather call, one currency
+# conversion, one request that needs no tool, one timer), then a held-out request from lesson 12's test
+# split. The examples are what lesson 12's fine-tuning replaces; here they are what the draft copies
+# from. The target writes its greedy reply (batched, left-padded; up to `CFG["pl_new_tokens"]` tokens).
+# Whether those replies are *correct* calls is lesson 12's question; speculation only has to reproduce
+# them exactly, faster. We print how many are well formed and how many call the right tool.
+
+# %% id="pl_task"
+tool_train, tool_test = tools.load_tool_data("train"), tools.load_tool_data("test", CFG["pl_requests"])
+SHOTS = speculative.few_shot_rows(tool_train)
+EOS = tok.eos_token_id
+pl_messages = [speculative.tool_call_messages(r["request"], SHOTS) for r in tool_test]
+pl_seqs = speculative.teacher_replies(teacher, tok, pl_messages, CFG["pl_new_tokens"], batch_size=CFG["pl_batch"])
+pl_prompts = [speculative.chat_ids(tok, m)[0].tolist() for m in pl_messages]
+pl_replies = [s[len(p):].tolist() for s, p in zip(pl_seqs, pl_prompts)]
+
+
+def reply_call(text):
+    """The call in a reply of lesson 12's format: a dict, None for the no-tool reply, "malformed" otherwise."""
+    text = text.strip()
+    if text == tools.NO_TOOL_REPLY:
+        return None
+    if text.startswith(tools.CALL_OPEN) and text.endswith(tools.CALL_CLOSE):
+        try:
+            call = json.loads(text[len(tools.CALL_OPEN):-len(tools.CALL_CLOSE)])
+            return call if isinstance(call, dict) else "malformed"
+        except ValueError:
+            return "malformed"
+    return "malformed"
+
+
+pl_calls = [reply_call(tok.decode(r, skip_special_tokens=True)) for r in pl_replies]
+WELL_FORMED = sum(c != "malformed" for c in pl_calls)
+RIGHT_TOOL = sum((c["name"] if isinstance(c, dict) else c) == (r["call"]["name"] if r["call"] else None)
+                 for c, r in zip(pl_calls, tool_test) if c != "malformed")
+PL_TOKENS = sum(len(r) for r in pl_replies)
+print(f"{len(tool_test)} held-out requests, prompts of {min(map(len, pl_prompts))}-{max(map(len, pl_prompts))} "
+      f"tokens ({len(SHOTS)} worked examples); {PL_TOKENS} reply tokens in all")
+print(f"well-formed replies: {WELL_FORMED}/{len(pl_calls)}; the right tool (or rightly none): {RIGHT_TOOL}/{len(pl_calls)}")
+for r, rep in list(zip(tool_test, pl_replies))[:3]:
+    print(f"  {r['request']!r} -> {tok.decode(rep)!r}")
+
+# %% [markdown] id="pl_alpha_md"
+# ### Acceptance and tokens per target forward, across $K$
+#
+# Greedy verification keeps the longest prefix of a proposal that equals the target's own greedy
+# continuation. The proposal is a function of the text so far, so the target's reply fixes every round,
+# and `speculative.replay_greedy_rounds` replays them exactly, with your `prompt_lookup_draft` as the
+# proposer, for each $K$: per round the tokens proposed $k_r$ (0 when nothing matched) and the drafts
+# kept $n_r$. From those:
+#
+# - **$\alpha$**, the acceptance rate per verified position: $\sum_r n_r$ over the positions the
+#   verification reached, $\sum_r \big(n_r + [n_r < k_r]\big)$ (every kept draft, and the first
+#   rejected one; the drafts after a rejection are never looked at). This is the $\alpha$ of section
+#   1's formula. Its 95 % interval resamples **requests** (a bootstrap over replies: positions within a
+#   reply are not independent);
+# - the share of proposed tokens that were kept, $\sum n_r / \sum k_r$ (what serving engines report as
+#   the draft acceptance rate; it falls with $K$ by construction);
+# - **tokens per target forward**, measured, against section 1's formula with this $\alpha$, and
+#   against the same formula averaged over the proposals actually made,
+#   $\frac{1}{R}\sum_r \frac{1-\alpha^{k_r+1}}{1-\alpha}$: a round without a match buys one token
+#   whatever $\alpha$ is.
+
+# %% id="pl_alpha"
+def lookup(context, K):
+    return prompt_lookup_draft(context, K, CFG["pl_ngram"], EOS)
+
+
+def tokens_formula(alpha, k):
+    return (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
+
+
+def alpha_of(acc, tested):
+    return float(np.sum(acc) / max(np.sum(tested), 1))
+
+
+PL = {}
+for K in CFG["pl_Ks"]:
+    runs = [speculative.replay_greedy_rounds(p, r, lookup, K, CFG["pl_new_tokens"]) for p, r in zip(pl_prompts, pl_replies)]
+    acc = np.array([s["accepted"] for s in runs])
+    tested = np.array([sum(n + (n < k) for n, k in zip(s["kept"], s["proposed"])) for s in runs])
+    proposed = [k for s in runs for k in s["proposed"]]
+    alpha = alpha_of(acc, tested)
+    rounds = sum(s["rounds"] for s in runs)
+    PL[K] = dict(alpha=alpha, interval=speculative.bootstrap_interval(alpha_of, acc, tested),
+                 kept_share=float(acc.sum() / max(sum(proposed), 1)), positions=int(tested.sum()),
+                 matched=float(np.mean([k > 0 for k in proposed])), tokens_per_forward=PL_TOKENS / rounds,
+                 formula=tokens_formula(alpha, K), formula_proposals=float(np.mean([tokens_formula(alpha, k) for k in proposed])),
+                 kept=[n for s in runs for n, k in zip(s["kept"], s["proposed"]) if k == K])
+
+print(f"{'K':>3} {'α per position [95% CI]':>25} {'positions':>9} {'kept/proposed':>13} {'rounds w/ match':>15} "
+      f"{'tokens/forward':>14} {'formula':>8} {'formula on proposals':>20}")
+for K, r in PL.items():
+    lo, hi = r["interval"]
+    print(f"{K:>3} {r['alpha']:>9.3f} [{lo:.3f}, {hi:.3f}] {r['positions']:>9} {r['kept_share']:>13.3f} {r['matched']:>15.2f} "
+          f"{r['tokens_per_forward']:>14.2f} {r['formula']:>8.2f} {r['formula_proposals']:>20.2f}")
+K_BIG = max(PL)
+print(f"\nthe cut draft's greedy α was {ALPHA_G:.3f}; prompt lookup's α at K={K_BIG} is {PL[K_BIG]['alpha']:.3f}")
+
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+Ks_pl = list(PL)
+axes[0].plot(Ks_pl, [PL[K]["tokens_per_forward"] for K in Ks_pl], "o-", label="measured (replay)")
+axes[0].plot(Ks_pl, [PL[K]["formula"] for K in Ks_pl], "s--", label="formula, α of that K")
+axes[0].plot(Ks_pl, [PL[K]["formula_proposals"] for K in Ks_pl], "^:", label="formula on the proposals made")
+axes[0].set(title="prompt lookup: tokens per target forward", xlabel="K", ylabel="tokens", xscale="log")
+axes[0].set_xticks(Ks_pl, [str(K) for K in Ks_pl])
+kept = np.bincount(np.array(PL[K_BIG]["kept"], dtype=int), minlength=K_BIG + 1)
+a = PL[K_BIG]["alpha"]
+law = np.array([a ** i * (1 - a) for i in range(K_BIG)] + [a ** K_BIG]) * kept.sum()
+axes[1].bar(np.arange(K_BIG + 1) - 0.2, kept, 0.4, label="measured")
+axes[1].bar(np.arange(K_BIG + 1) + 0.2, law, 0.4, label=f"independent acceptances, α = {a:.2f}")
+axes[1].set(title=f"drafts kept in rounds that proposed K = {K_BIG}", xlabel="drafts kept", ylabel="rounds")
+for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+plt.show()
+ALL_OR_NOTHING = (kept[0] + kept[-1]) / max(kept.sum(), 1)
+print(f"K={K_BIG}: {ALL_OR_NOTHING:.0%} of the full-length proposals were kept entirely or not at all "
+      f"(independent acceptances at α = {a:.2f} predict {(law[0] + law[-1]) / max(law.sum(), 1e-9):.0%})")
+
+# %% [markdown] id="pl_clock_md"
+# ### The clock: prompt lookup and the cut draft against plain decoding
+#
+# Tokens per forward is not speed. Verifying $k$ drafts means one target forward on $k+1$ positions,
+# and on a CPU that costs more than a forward on one. We measure that cost first
+# (`speculative.forward_seconds`: a cached forward on $n$ new positions after a tool-call prompt), and
+# the prefill of the prompt, which every method pays once.
+#
+# Then on `CFG["pl_time_requests"]` of the requests we time, interleaved, `CFG["pl_time_repeats"]`
+# times each (the median counts): plain greedy `generate`; `generate(prompt_lookup_num_tokens=K,
+# max_matching_ngram_size=...)` for each $K$ in `CFG["pl_time_Ks"]`; and `generate(assistant_model=
+# draft)` with section 4's cut draft at its best predicted $K$. Every output must equal plain
+# decoding's, token for token. A forward hook counts the target's forward calls in each prompt-lookup
+# run; they must equal the rounds your proposer gives in the replay of that run's reply, which checks
+# the replay (and your `prompt_lookup_draft`) against transformers' own loop. The speed-up is the ratio
+# of total times, with a 95 % bootstrap interval over requests. The same costs give a prediction:
+# prefill, then one forward on $k_r + 1$ positions per round, against prefill and one single-position
+# forward per token.
+
+# %% id="pl_clock"
+time_ids = [torch.tensor([p]) for p in pl_prompts[:CFG["pl_time_requests"]]]
+N_POS = list(range(1, max(CFG["pl_time_Ks"]) + 2))
+T_POS = {n: speculative.forward_seconds(teacher, time_ids[0], n) for n in N_POS}
+prefill_times = []
+with torch.inference_mode():
+    for _ in range(3):
+        start = time.perf_counter()
+        teacher(input_ids=time_ids[0], logits_to_keep=1)
+        prefill_times.append(time.perf_counter() - start)
+T_PREFILL = float(np.median(prefill_times))
+print(f"target forward, {time_ids[0].shape[1]}-token context: prefill {T_PREFILL * 1e3:.0f} ms; on n new positions: "
+      + ", ".join(f"n={n} {T_POS[n] * 1e3:.0f} ms ({T_POS[n] / T_POS[1]:.2f}x)" for n in N_POS if n in (1, 2, 3, 5, 9, 17)))
+
+K_CUT = candidates[DRAFT_LAYERS]["best"][1]
+speculative.configure_assistant(draft, K_CUT)
+methods = {"plain": {}} | {f"prompt lookup K={K}": {"prompt_lookup_num_tokens": K, "max_matching_ngram_size": CFG["pl_ngram"]}
+                           for K in CFG["pl_time_Ks"]} | {f"cut draft ({DRAFT_LAYERS} layers) K={K_CUT}": {"assistant_model": draft}}
+forwards = []
+hook = teacher.register_forward_pre_hook(lambda m, a, kw: forwards.append(1), with_kwargs=True)
+times = {name: [[] for _ in time_ids] for name in methods}
+outputs, calls = {}, {}
+try:
+    for rep in tqdm(range(CFG["pl_time_repeats"]), desc="timing repeats"):
+        order = list(methods)[rep % len(methods):] + list(methods)[:rep % len(methods)]  # rotate the order
+        for i, ids in enumerate(time_ids):
+            for name in order:
+                forwards.clear()
+                with torch.inference_mode():
+                    start = time.perf_counter()
+                    out = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=CFG["pl_new_tokens"],
+                                           do_sample=False, pad_token_id=EOS, **methods[name])
+                    times[name][i].append(time.perf_counter() - start)
+                outputs[name, i], calls[name, i] = out, len(forwards)
+finally:
+    hook.remove()
+
+for name in methods:
+    for i in range(len(time_ids)):
+        assert torch.equal(outputs[name, i], outputs["plain", i]), f"{name}, request {i}: output differs from plain greedy"
+plain_replies = [outputs["plain", i][0, ids.shape[1]:].tolist() for i, ids in enumerate(time_ids)]
+for K in CFG["pl_time_Ks"]:
+    for i, ids in enumerate(time_ids):
+        replay = speculative.replay_greedy_rounds(ids[0].tolist(), plain_replies[i], lookup, K, CFG["pl_new_tokens"])
+        assert replay["rounds"] == calls[f"prompt lookup K={K}", i], \
+            f"K={K}, request {i}: generate ran {calls[f'prompt lookup K={K}', i]} target forwards, the replay {replay['rounds']} rounds"
+print(f"every output identical to plain greedy; prompt lookup's target forwards = the replay's rounds "
+      f"on all {len(time_ids)} requests (asserted)")
+
+med = {name: np.array([np.median(t) for t in ts]) for name, ts in times.items()}
+
+
+def total_ratio(a, b):
+    return float(np.sum(a) / np.sum(b))
+
+
+CLOCK = {}
+for name in methods:
+    if name == "plain":
+        continue
+    CLOCK[name] = dict(speedup=total_ratio(med["plain"], med[name]),
+                       interval=speculative.bootstrap_interval(total_ratio, med["plain"], med[name]),
+                       per_request=med["plain"] / med[name])
+for K in CFG["pl_time_Ks"]:   # what the measured forward costs predict for these replies
+    pred_plain, pred = 0.0, 0.0
+    for i, ids in enumerate(time_ids):
+        replay = speculative.replay_greedy_rounds(ids[0].tolist(), plain_replies[i], lookup, K, CFG["pl_new_tokens"])
+        pred_plain += T_PREFILL + (len(plain_replies[i]) - 1) * T_POS[1]
+        pred += T_PREFILL + sum(T_POS[k + 1] for k in replay["proposed"][1:])
+    CLOCK[f"prompt lookup K={K}"]["predicted"] = pred_plain / pred
+n_tok = sum(len(r) for r in plain_replies)
+print(f"{len(time_ids)} requests, {n_tok} reply tokens, median of {CFG['pl_time_repeats']} timing(s) each; "
+      f"plain greedy: {n_tok / med['plain'].sum():.1f} tokens/s")
+print(f"{'method':>28} {'speed-up [95% CI]':>22} {'per request (min-max)':>22} {'predicted':>9}")
+for name, r in CLOCK.items():
+    lo, hi = r["interval"]
+    print(f"{name:>28} {r['speedup']:>7.2f}x [{lo:.2f}, {hi:.2f}] {r['per_request'].min():>12.2f}-{r['per_request'].max():.2f}x "
+          + (f"{r['predicted']:>8.2f}x" if "predicted" in r else f"{'-':>9}"))
+PL_BEST = max((n for n in CLOCK if n.startswith("prompt lookup")), key=lambda n: CLOCK[n]["speedup"])
+CUT_NAME = next(n for n in CLOCK if n.startswith("cut draft"))
+print(f"best: {PL_BEST} at {CLOCK[PL_BEST]['speedup']:.2f}x; the cut draft: {CLOCK[CUT_NAME]['speedup']:.2f}x "
+      f"(1-minute load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+
+fig, ax = plt.subplots(figsize=(8, 3.4))
+names = list(CLOCK)
+vals = [CLOCK[n]["speedup"] for n in names]
+err = np.array([[v - CLOCK[n]["interval"][0] for n, v in zip(names, vals)], [CLOCK[n]["interval"][1] - v for n, v in zip(names, vals)]])
+ax.barh(names, vals, xerr=np.nan_to_num(err), color=["C1" if n.startswith("prompt") else "C7" for n in names], capsize=3)
+ax.axvline(1, color="k", lw=0.8)
+ax.set(title="wall-clock speed-up over plain greedy decoding on tool calls (95% CI)", xlabel="×")
+ax.grid(alpha=0.3, axis="x")
+plt.show()
+
+# %% [markdown] id="pl_llama_md"
+# ### One real engine's speculative path: llama.cpp with a prompt-lookup draft
+#
+# llama-cpp-python ships the same idea as a draft model, `LlamaPromptLookupDecoding(num_pred_tokens=K,
+# max_ngram_size=...)` (the same earliest-match rule, without the cut at end-of-turn), passed as
+# `Llama(..., draft_model=...)`. Its loop evaluates the committed token and the drafts in one
+# `llama_decode`, samples at each position and drops the KV cells after the first mismatch. We run
+# the shipped Q4_1 GGUF file with and without it on the same requests at temperature 0, interleaved,
+# and count the replies that match, each other and transformers' greedy replies. Both engines are
+# warmed up on another prompt first, so both reuse the KV cache of the shared prefix (system message and
+# examples) from one request to the next. Note what this engine does to support drafts: with a
+# `draft_model` it keeps the logits of **every** evaluated position (`logits_all`), which costs a
+# vocabulary-sized row per token.
+#
+# Speculation is exact only if scoring $k+1$ positions in one call gives the same logits as scoring
+# them one at a time. In exact arithmetic it does; in floating point, llama.cpp's kernels for a batch of
+# tokens may sum in another order than its one-token path, and a greedy choice between two nearly tied
+# tokens can flip. Where the two llama.cpp replies part, we print the target's gap between its two
+# best logits at that position (from transformers, same weights in fp32), next to the gaps over all
+# reply positions: a gap far below the typical one says the replies parted at a near tie.
+
+# %% id="pl_llama"
+K_LLAMA = max(CFG["pl_time_Ks"])
+engines = {"llama.cpp": speculative.load_llama_lookup(models.gguf_path(), None),
+           f"llama.cpp + prompt lookup K={K_LLAMA}": speculative.load_llama_lookup(models.gguf_path(), K_LLAMA, CFG["pl_ngram"])}
+plain_name, lookup_name = list(engines)
+n_llama = min(CFG["pl_llama_requests"], len(pl_prompts) - 1)
+for llm in engines.values():
+    speculative.llama_greedy(llm, pl_prompts[-1], 4)  # warm-up: the shared prefix is now in the KV cache
+l_times = {name: [] for name in engines}
+l_out = {name: [] for name in engines}
+for i in tqdm(range(n_llama), desc="llama.cpp"):
+    for name in (list(engines) if i % 2 == 0 else list(engines)[::-1]):
+        ids, seconds = speculative.llama_greedy(engines[name], pl_prompts[i], CFG["pl_new_tokens"])
+        l_times[name].append(seconds)
+        l_out[name].append(ids)
+del engines
+L_SPEEDUP = total_ratio(l_times[plain_name], l_times[lookup_name])
+L_INTERVAL = speculative.bootstrap_interval(total_ratio, l_times[plain_name], l_times[lookup_name])
+L_MATCH = sum(a == b for a, b in zip(l_out[plain_name], l_out[lookup_name]))
+L_AS_HF = {name: sum(a == b for a, b in zip(out, pl_replies)) for name, out in l_out.items()}
+print(f"{n_llama} requests: {plain_name} {sum(l_times[plain_name]):.2f} s, {lookup_name} {sum(l_times[lookup_name]):.2f} s "
+      f"-> speed-up {L_SPEEDUP:.2f}x [{L_INTERVAL[0]:.2f}, {L_INTERVAL[1]:.2f}]")
+print(f"replies identical with and without the draft: {L_MATCH}/{n_llama}; identical to transformers' greedy reply: "
+      + ", ".join(f"{name} {k}/{n_llama}" for name, k in L_AS_HF.items()))
+# where the two llama.cpp replies part, is the target nearly tied? (transformers' fp32 logits, same weights)
+margins_all = torch.cat([speculative.top2_margins(teacher, p + r, len(p)) for p, r in zip(pl_prompts, pl_replies)])
+split = [(i, speculative.first_difference(a, b)) for i, (a, b) in enumerate(zip(l_out[plain_name], l_out[lookup_name]))]
+split = [(i, d) for i, d in split if d is not None and d < min(len(l_out[plain_name][i]), len(l_out[lookup_name][i]))]
+L_SPLIT_MARGINS = [float(speculative.top2_margins(teacher, pl_prompts[i] + l_out[plain_name][i][:d + 1], len(pl_prompts[i]) + d)[0])
+                   for i, d in split]
+print(f"top-2 logit gap of the target over all reply positions: median {margins_all.median():.2f}, "
+      f"10th percentile {margins_all.quantile(0.1):.2f}; at the {len(split)} first point(s) where the two llama.cpp "
+      f"replies part: " + (", ".join(f"{m:.2f}" for m in L_SPLIT_MARGINS) or "none"))
+print("a reply:", repr(tok.decode(l_out[lookup_name][0])))
+
+# %% [markdown] id="pl_read"
+# ### Reading the results, and where drafts come from in production
+#
+# Read the rows above side by side. The cut draft and prompt lookup are verified by the same rule and
+# give the same text; what differs is $\alpha$ and $c$. The cut draft guesses the next token rarely and
+# costs a good fraction of a target step; prompt lookup costs a string search, and on replies that copy
+# their context its $\alpha$ is many times the cut draft's. The clock then depends on one more measured
+# number, what a forward on $k+1$ positions costs against a forward on one on this CPU; the
+# "predicted" column turns those costs and the replayed rounds into the speed-up they imply, and the
+# gap to the measured column is what the model leaves out (the Python around each round, the cache
+# bookkeeping, noise from other processes). The histogram says how far the independent-acceptance
+# model of section 1 is from a copying draft: acceptances come in runs (a copied span is right or
+# wrong as a whole), so whole proposals are kept or dropped more often than independent coin flips at
+# the same $\alpha$ predict.
+#
+# The llama.cpp rows are a separate measurement of the same idea in another engine: its loop is
+# Python around llama.cpp, and with a draft it computes and copies the logits of every evaluated
+# position, costs our transformers loop does not have. Read its speed-up and its identical-reply count
+# above rather than assuming the transformers result carries over.
+#
+# Prompt lookup wins only where the output repeats the input: structured calls, extraction, code edits,
+# answers that quote a document (RAG). On free text (section 4's requests) it rarely finds a match and
+# degrades to plain decoding at the cost of a search. Drafts that work on any text are trained:
+#
+# - a **distilled** small model of the same family (`speculative.load_draft(..., steps=...)` distils the
+#   cut draft; not run here, its training takes longer than this lesson's budget);
+# - **Medusa** (Cai et al. 2024) adds extra decoding heads on the target's last hidden state, head $i$
+#   predicting the token $i+1$ positions ahead, and verifies a *tree* of their top candidates in one
+#   forward with a tree-shaped attention mask. No second model, but the heads must be trained;
+# - **EAGLE** (Li et al. 2024) drafts at the feature level: a one-layer autoregressive head reads the
+#   target's second-to-top-layer features together with the embedding of the token sampled, predicts the
+#   next feature vector and reuses the target's own LM head to turn it into a token, again with a tree
+#   of drafts. Because it sees the target's features, it guesses far better than a small model of its
+#   own. Their papers report, on 7B-70B targets on GPUs, 2.2-3.6x (Medusa) and 2.7-3.5x (EAGLE, LLaMA2-
+#   Chat 70B) lower latency; none of that was measured here.
+#
+# Engines ship all of this: vLLM (`speculative_config`: a draft model, n-gram lookup, EAGLE or Medusa
+# heads), llama.cpp (`llama-speculative` with `--model-draft`, and `llama-lookup` for n-gram drafts),
+# and the llama-cpp-python path run above.
+
+
 # %% [markdown] id="c25"
 # ## What we measured
+#
+# The break-even $\alpha$ of the cut draft comes from section 1's speedup model with the measured $c$:
+# the smallest $\alpha$ at which some $K$ reaches 1.0x. At $K = 1$ the model reads $1 + \alpha = 1 + c$,
+# so it is $\alpha = c$ (and no $\alpha$ breaks even when $c \ge 1$, recorded as 1.0); every larger
+# $K$ needs more.
 
 # %% id="c26"
+from scipy.optimize import brentq
+
+BREAK_EVEN = min((brentq(lambda a, K=K: predicted_speedup(a, K, C_DRAFT) - 1, 1e-9, 1 - 1e-9)
+                  for K in range(1, 9) if predicted_speedup(1 - 1e-9, K, C_DRAFT) > 1), default=1.0)
+PL_BEST_K = int(PL_BEST.split("K=")[1])
 rows = [
     {"quantity": "toy: largest |simulated - formula| tokens per round", "value": round(SIM_MAX_ERR, 4), "unit": "tokens",
      "note": f"{CFG['sim_rounds']} rounds per (α, K)"},
@@ -763,6 +1219,28 @@ rows += [
     {"quantity": "real model, one position: sampled first token vs target's p", "value": round(SAMPLE_P, 4), "unit": "chi-square p",
      "note": f"{n_runs} runs, K={K_S}, α here {ALPHA_POS:.3f}"},
     {"quantity": "load average during the timings", "value": round(LOAD, 2), "unit": "processes", "note": f"{os.cpu_count()} cores"},
+    {"quantity": "break-even greedy α at the cut draft's cost c", "value": round(BREAK_EVEN, 4), "unit": "alpha",
+     "note": f"c = {C_DRAFT:.3f}; the speedup model (1-α^(K+1))/((1-α)(1+Kc)) reaches 1 first at K=1, where α = c"},
+    {"quantity": "tool calls: well-formed replies of the target", "value": f"{WELL_FORMED}/{len(pl_calls)}", "unit": "replies",
+     "note": f"{len(SHOTS)} worked examples; right tool (or none) {RIGHT_TOOL}/{len(pl_calls)}"},
+]
+for K, r in PL.items():
+    rows.append({"quantity": f"tool calls, prompt lookup K={K}: α; tokens per target forward (formula)",
+                 "value": f"{r['alpha']:.3f}; {r['tokens_per_forward']:.2f} ({r['formula']:.2f}, on proposals {r['formula_proposals']:.2f})",
+                 "unit": "-", "note": f"α 95% CI [{r['interval'][0]:.3f}, {r['interval'][1]:.3f}] over {len(pl_replies)} replies, {r['positions']} positions"})
+rows += [
+    {"quantity": "tool calls, prompt lookup: greedy α", "value": round(PL[PL_BEST_K]["alpha"], 4), "unit": "alpha",
+     "note": f"K={PL_BEST_K}; 95% CI [{PL[PL_BEST_K]['interval'][0]:.3f}, {PL[PL_BEST_K]['interval'][1]:.3f}]"},
+    {"quantity": "tool calls, prompt lookup: best wall-clock speedup", "value": round(CLOCK[PL_BEST]["speedup"], 4), "unit": "x",
+     "note": f"{PL_BEST}; 95% CI [{CLOCK[PL_BEST]['interval'][0]:.2f}, {CLOCK[PL_BEST]['interval'][1]:.2f}], {len(time_ids)} requests, "
+             f"predicted {CLOCK[PL_BEST]['predicted']:.2f}x"},
+    {"quantity": "tool calls, cut draft: wall-clock speedup", "value": round(CLOCK[CUT_NAME]["speedup"], 4), "unit": "x",
+     "note": f"{CUT_NAME}; 95% CI [{CLOCK[CUT_NAME]['interval'][0]:.2f}, {CLOCK[CUT_NAME]['interval'][1]:.2f}]"},
+    {"quantity": "tool calls, llama.cpp prompt lookup: wall-clock speedup", "value": round(L_SPEEDUP, 4), "unit": "x",
+     "note": f"K={K_LLAMA}; 95% CI [{L_INTERVAL[0]:.2f}, {L_INTERVAL[1]:.2f}]; {n_llama} requests"},
+    {"quantity": "tool calls, llama.cpp: replies identical with and without the lookup draft", "value": f"{L_MATCH}/{n_llama}",
+     "unit": "replies", "note": "top-2 logit gaps where they part: " + (", ".join(f"{m:.2f}" for m in L_SPLIT_MARGINS) or "none")
+     + f" (median over all positions {margins_all.median():.2f})"},
 ]
 report.record_results("14_speculative", BUDGET, rows).fillna("")
 
@@ -777,10 +1255,17 @@ report.record_results("14_speculative", BUDGET, rows).fillna("")
 #   identical text above, and sampling passed the $\chi^2$ tests. Drop any one piece and the
 #   statistical test catches it. Nothing else would, because the text still looks fine.
 # - **The honest beat.** Compare the rows of the table. On a 135M model on a CPU, the KV cache and
-#   batching are the big levers, and a cut draft's speculation is at best a small change and often
-#   a slowdown. The target is already small, so a draft cannot be much cheaper: the shared 28M-parameter
-#   head alone sets $c$. And a CPU's forward on $K+1$ tokens is not free. Speculation earns its
-#   reputation on large targets (7B+) on GPUs, where decoding is memory-bound, and with drafts trained
-#   for the job: distilled small models, EAGLE and Medusa heads on the target's hidden states. vLLM
-#   (`speculative_config`) and llama.cpp (`llama-speculative`, `--model-draft`) ship it. For a small
+#   batching are the big levers, and a cut draft's speculation is at best a small change and often a
+#   slowdown: the target is already small, so a draft cannot be much cheaper (the shared 28M-parameter
+#   head alone sets $c$), its $\alpha$ has to clear the break-even $\alpha = c$ recorded above, and a
+#   CPU's forward on $K+1$ tokens is not free.
+# - **A draft that fits the task changes the answer.** On tool calls, prompt lookup costs a string
+#   search and copies names, keys and values from the prompt; compare its $\alpha$ and its measured
+#   speed-up with the cut draft's in the table, on the same requests and the same target, with the same
+#   output. It pays only where the output copies the input (structured calls, extraction, quoting a
+#   retrieved document, code edits); elsewhere it finds few matches and is plain decoding.
+# - **Where speculation earns its reputation**: large targets (7B+) on GPUs, where decoding is
+#   memory-bound and a forward on $K+1$ positions costs about as much as on one, with drafts trained for
+#   the job (distilled models, EAGLE and Medusa heads on the target's features). vLLM
+#   (`speculative_config`) and llama.cpp (`llama-speculative`, `llama-lookup`) ship it. For a small
 #   model, first cache, then batch, then quantize (lesson 6); measure before you speculate.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +114,69 @@ def test_tokens_per_second_is_best_of_n():
 
     tps, seconds = speculative.tokens_per_second(fn, repeats=3)
     assert len(calls) == 3 and seconds > 0 and tps == pytest.approx(10 / seconds)
+
+
+def _hf_proposer(K_max_ngram=3, eos=None):
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    def propose(context, K):
+        gen = PromptLookupCandidateGenerator(eos_token_id=None if eos is None else torch.tensor([eos]),
+                                             num_output_tokens=K, max_matching_ngram_size=K_max_ngram,
+                                             max_length=10 ** 9)
+        ids, _ = gen.get_candidates(torch.tensor([context]))
+        return ids[0, len(context):].tolist()
+    return propose
+
+
+def test_replay_greedy_rounds_by_hand():
+    reply = [5, 6, 7, 8, 9]
+    oracle = lambda ctx, K: reply[len(ctx) - 3:len(ctx) - 3 + K]  # noqa: E731 (the true continuation)
+    for K in (1, 2, 4):
+        st = speculative.replay_greedy_rounds([1, 2, 3], reply, oracle, K, max_new_tokens=64)
+        rounds = -(-len(reply) // (K + 1))
+        assert st["rounds"] == rounds and st["accepted"] == len(reply) - rounds, (K, st)
+        assert st["kept"][:-1] == [K] * (rounds - 1)
+    st = speculative.replay_greedy_rounds([1, 2, 3], reply, lambda ctx, K: [], 3, max_new_tokens=64)
+    assert (st["rounds"], st["drafted"], st["accepted"]) == (5, 0, 0)
+    wrong = speculative.replay_greedy_rounds([1, 2, 3], reply, lambda ctx, K: [0] * K, 3, max_new_tokens=64)
+    assert (wrong["rounds"], wrong["drafted"], wrong["accepted"]) == (5, 15, 0)
+    # with one token left to generate, nothing is proposed (transformers does the same)
+    st = speculative.replay_greedy_rounds([1, 2, 3], reply, oracle, 1, max_new_tokens=5)
+    assert st["proposed"] == [1, 1, 0] and st["rounds"] == 3
+
+
+def test_replay_counts_the_target_forwards_of_prompt_lookup_generate():
+    with speculative.threads(1):
+        target = speculative.tiny_llama(vocab_size=12, seed=3)   # a small vocabulary: n-grams repeat
+        calls = []
+        hook = target.register_forward_pre_hook(lambda m, a, kw: calls.append(1), with_kwargs=True)
+        try:
+            for seed, K in [(0, 2), (1, 4), (2, 8)]:
+                prompt = torch.randint(0, 12, (1, 30), generator=torch.Generator().manual_seed(seed))
+                kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False)
+                plain = target.generate(prompt, **kw)
+                calls.clear()
+                looked = target.generate(prompt, **kw, prompt_lookup_num_tokens=K, max_matching_ngram_size=3)
+                assert torch.equal(plain, looked)
+                reply = plain[0, 30:].tolist()
+                st = speculative.replay_greedy_rounds(prompt[0].tolist(), reply, _hf_proposer(3), K, 24)
+                assert st["rounds"] == len(calls), (K, st["rounds"], len(calls))
+                assert st["accepted"] == 24 - st["rounds"] and st["drafted"] > 0
+        finally:
+            hook.remove()
+
+
+def test_tool_call_prompt_and_bootstrap(tok):
+    from brewslm_helpers import tools
+
+    shots = speculative.few_shot_rows(tools.load_tool_data("train"))
+    assert [s["call"]["name"] if s["call"] else None for s in shots] == list(speculative.FEW_SHOT_KINDS)
+    msgs = speculative.tool_call_messages("Weather in Oslo?", shots)
+    assert [m["role"] for m in msgs] == ["system"] + ["user", "assistant"] * len(shots) + ["user"]
+    assert msgs[2]["content"] == tools.target_reply(shots[0]) and msgs[-1]["content"] == "Weather in Oslo?"
+    ids = speculative.tool_call_ids(tok, "Weather in Oslo?", shots)
+    assert ids.shape[0] == 1 and tok.decode(ids[0]).endswith("<|im_start|>assistant\n")
+    x = [1.0, 2.0, 3.0, 4.0, 10.0]
+    lo, hi = speculative.bootstrap_interval(lambda a: float(np.mean(a)), x)
+    assert lo <= np.mean(x) <= hi and lo >= 1.0 and hi <= 10.0
+    assert all(np.isnan(v) for v in speculative.bootstrap_interval(lambda a: float(np.mean(a)), [1.0]))
