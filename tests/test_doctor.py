@@ -70,9 +70,9 @@ def test_a_sigill_build_is_one_line_naming_llama_cpp_and_the_fix(sigill_llama):
 
 
 def test_grading_on_a_broken_environment_gives_no_student_a_zero(tmp_path, sigill_llama):
-    """Lesson 1 needs llama.cpp, lesson 14 does not: lesson 1's submissions are not graded, with the
-    reason, lesson 14's are graded as usual, and the command exits non-zero."""
-    needs, fine = find_lesson("01"), find_lesson("14")
+    """Lesson 1 needs llama.cpp, lesson 3 does not: lesson 1's submissions are not graded, with the
+    reason, lesson 3's are graded as usual, and the command exits non-zero."""
+    needs, fine = find_lesson("01"), find_lesson("03")
     folder = tmp_path / "class"
     for student, lesson, nb in [("ada", needs, make_submission(needs)),
                                 ("ada", fine, make_submission(fine)),
