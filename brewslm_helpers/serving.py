@@ -264,13 +264,16 @@ def run_concurrent(base_url: str, prompts: list[str], concurrency: int, max_toke
 
 
 def make_trace(n_requests: int, rate_per_s: float, *, prompt_tokens: tuple[int, int] = (16, 128),
-               output_tokens: tuple[int, int] = (8, 128), seed: int = 0) -> list[dict]:
-    """A synthetic request trace: Poisson arrivals at ``rate_per_s``, prompt and output lengths
-    drawn log-uniformly from the inclusive ranges (many short replies, a few long ones, as in chat
-    traffic).
+               output_tokens: tuple[int, int] = (8, 128), seed: int = 0,
+               prompts: list[list[int]] | None = None) -> list[dict]:
+    """A synthetic request trace: Poisson arrivals at ``rate_per_s`` (``float("inf")``: all at
+    once), prompt and output lengths drawn log-uniformly from the inclusive ranges (many short
+    replies, a few long ones, as in chat traffic).
 
     Returns dicts ``{"id": int, "arrival_s": float, "prompt_tokens": int, "output_tokens": int}``
-    sorted by arrival; the first request arrives at 0.
+    sorted by arrival; the first request arrives at 0. With ``prompts`` (token-id lists), request
+    ``i`` carries ``"prompt_ids": prompts[i % len(prompts)]`` and ``prompt_tokens`` is its length,
+    for a real engine (:class:`EngineSteps`).
     """
     rng = np.random.default_rng(seed)
     gaps = rng.exponential(1.0 / rate_per_s, size=n_requests)
@@ -281,8 +284,12 @@ def make_trace(n_requests: int, rate_per_s: float, *, prompt_tokens: tuple[int, 
 
     p = loguniform(*prompt_tokens)
     o = loguniform(*output_tokens)
-    return [{"id": i, "arrival_s": float(a), "prompt_tokens": int(pi), "output_tokens": int(oi)}
-            for i, (a, pi, oi) in enumerate(zip(arrivals, p, o))]
+    trace = [{"id": i, "arrival_s": float(a), "prompt_tokens": int(pi), "output_tokens": int(oi)}
+             for i, (a, pi, oi) in enumerate(zip(arrivals, p, o))]
+    for r in trace if prompts else []:
+        r["prompt_ids"] = list(prompts[r["id"] % len(prompts)])
+        r["prompt_tokens"] = len(r["prompt_ids"])
+    return trace
 
 
 def static_batching(trace: list[dict], max_batch: int,
@@ -393,6 +400,245 @@ def memory_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
         x.sum()
         best = min(best, time.perf_counter() - t0)
     return x.numel() * 4 / best / 1e9
+
+
+# -------------------------------------------------------------------------------------------------
+# A real batching engine: llama.cpp's batched decode through llama-cpp-python's low-level API
+
+
+class BatchedLlama:
+    """llama.cpp running up to ``n_seqs`` sequences in one ``llama_decode`` call, greedy.
+
+    The GGUF file is loaded with the C API (``llama_model_load_from_file``, ``llama_init_from_model``
+    with ``n_seq_max = n_seqs`` and at least ``n_ctx_per_seq`` KV cells per sequence,
+    ``kv_unified=False``). :meth:`step` takes ``{seq_id: new token ids}`` for any subset of the
+    sequences, puts every token in one ``llama_batch`` (its position and ``seq_id``; logits only for
+    each sequence's last token), runs one ``llama_decode`` (llama.cpp's batched kernels: every weight
+    matrix is read once for all the tokens) and returns ``{seq_id: argmax token}``. :meth:`release`
+    drops a sequence's KV cells (``llama_memory_seq_rm``) so its ``seq_id`` can serve a new request.
+    This is the same machinery ``llama-server --parallel N`` uses for its slots. ``n_threads``
+    (default :func:`cpu_threads`) is fixed for the engine's life: llama.cpp's threads meet at a
+    barrier after every operation of the graph, so where other processes keep the cores busy each
+    barrier waits for a descheduled thread and more than one thread can be far slower than one.
+    Freed with :meth:`close` (also on garbage collection).
+    """
+
+    def __init__(self, model_path, *, n_seqs: int = 8, n_ctx_per_seq: int = 512, n_threads: int | None = None,
+                 n_batch: int = 2048, n_ubatch: int = 512):
+        import logging
+
+        import llama_cpp
+
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load log
+        self._ll = llama_cpp
+        self.model_path = Path(model_path)
+        if not self.model_path.exists():
+            raise FileNotFoundError(self.model_path)
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        self.model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {self.model_path}")
+        cparams = llama_cpp.llama_context_default_params()
+        # llama.cpp gives each sequence a multiple of 256 KV cells: ask for that (no rounding warning);
+        # step() still holds every sequence to n_ctx_per_seq
+        cparams.n_ctx = n_seqs * -(-n_ctx_per_seq // 256) * 256
+        cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = n_batch, min(n_ubatch, n_batch), n_seqs
+        cparams.n_threads = cparams.n_threads_batch = n_threads or cpu_threads()
+        cparams.kv_unified = False                      # each sequence its own KV stream
+        cparams.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise RuntimeError("llama.cpp could not create a context")
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.n_seqs, self.n_ctx_per_seq, self.n_batch = n_seqs, n_ctx_per_seq, n_batch
+        self.n_threads = cparams.n_threads
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.n_past = [0] * n_seqs                      # tokens in each sequence's KV cache
+        self._finalizer = weakref.finalize(self, _free_llama, llama_cpp, self.batch, self.ctx, self.model)
+
+    def step(self, inputs: dict[int, list[int]]) -> dict[int, int]:
+        """One ``llama_decode`` over ``inputs`` ``{seq_id: token ids to append}`` (a prompt to
+        prefill, or the one token sampled last); returns ``{seq_id: greedy next token}``."""
+        b, n, last = self.batch, 0, []
+        for seq, tokens in inputs.items():
+            if not 0 <= seq < self.n_seqs:
+                raise ValueError(f"seq_id {seq} outside 0..{self.n_seqs - 1}")
+            if self.n_past[seq] + len(tokens) > self.n_ctx_per_seq:
+                raise ValueError(f"sequence {seq} would exceed its {self.n_ctx_per_seq} KV cells")
+            if n + len(tokens) > self.n_batch:
+                raise ValueError(f"more than n_batch={self.n_batch} tokens in one step")
+            for j, t in enumerate(tokens):
+                b.token[n], b.pos[n], b.n_seq_id[n] = t, self.n_past[seq] + j, 1
+                b.seq_id[n][0] = seq
+                b.logits[n] = j == len(tokens) - 1
+                n += 1
+            last.append((seq, n - 1))
+            self.n_past[seq] += len(tokens)
+        b.n_tokens = n
+        rc = self._ll.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        get = self._ll.llama_get_logits_ith
+        return {seq: int(np.ctypeslib.as_array(get(self.ctx, i), shape=(self.n_vocab,)).argmax())
+                for seq, i in last}
+
+    def release(self, seq: int) -> None:
+        """Forget sequence ``seq``: its KV cells are freed for the next request."""
+        self._ll.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        self.n_past[seq] = 0
+
+    def reset(self) -> None:
+        for seq in range(self.n_seqs):
+            self.release(seq)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, seq: int = 0) -> list[int]:
+        """Greedy decoding of one prompt alone (batch of one sequence), exactly ``max_new_tokens``."""
+        self.release(seq)
+        out = [self.step({seq: list(prompt_ids)})[seq]]
+        while len(out) < max_new_tokens:
+            out.append(self.step({seq: [out[-1]]})[seq])
+        self.release(seq)
+        return out[:max_new_tokens]
+
+    def measure_step_times(self, batch_sizes: list[int], context_len: int = 64, steps: int = 8,
+                           repeats: int = 3, prefill_len: int = 64, seed: int = 0) -> dict:
+        """Seconds per decode iteration at each batch size, and per prefill token, on this engine.
+
+        For each ``b``: ``b`` sequences of ``context_len`` random tokens are prefilled, then
+        ``steps`` iterations (one token for each of the ``b`` sequences per ``llama_decode``) are
+        timed, ``repeats`` times. Returns ``{"batch_sizes", "step_s" (median of the repeats),
+        "step_s_all" ([b][repeat]), "prefill_s_per_token" (median over repeats of one
+        ``prefill_len``-token prompt)}``, the shape :func:`cost_model` takes.
+        """
+        rng = np.random.default_rng(seed)
+        median, all_s = [], []
+        for b in batch_sizes:
+            if b > self.n_seqs:
+                raise ValueError(f"batch {b} > n_seqs={self.n_seqs}")
+            self.reset()
+            nxt = self.step({s: rng.integers(0, self.n_vocab, context_len).tolist() for s in range(b)})
+            times = []
+            for _ in range(repeats):
+                if self.n_past[0] + steps > self.n_ctx_per_seq:
+                    self.reset()
+                    nxt = self.step({s: rng.integers(0, self.n_vocab, context_len).tolist() for s in range(b)})
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    nxt = self.step({s: [t] for s, t in nxt.items()})
+                times.append((time.perf_counter() - t0) / steps)
+            all_s.append(times)
+            median.append(float(np.median(times)))
+        prefill = []
+        for _ in range(repeats):
+            self.reset()
+            ids = rng.integers(0, self.n_vocab, prefill_len).tolist()
+            t0 = time.perf_counter()
+            self.step({0: ids})
+            prefill.append((time.perf_counter() - t0) / prefill_len)
+        self.reset()
+        return {"batch_sizes": list(batch_sizes), "step_s": median, "step_s_all": all_s,
+                "prefill_s_per_token": float(np.median(prefill))}
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> "BatchedLlama":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _free_llama(llama_cpp, batch, ctx, model) -> None:
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
+
+
+class EngineSteps:
+    """A ``step_time(batch_size, prefill_tokens)`` that *runs* the iteration on a real engine.
+
+    Hand it to a scheduler in place of a cost model (``continuous_batching(trace, B,
+    EngineSteps(engine, trace))``, or :func:`static_batching`): the scheduler decides, the engine
+    executes, and the scheduler's clock advances by the **measured** wall time since the previous
+    iteration ended (the ``llama_decode`` and the scheduler's own bookkeeping). The schedulers'
+    contract fixes which requests a call means: admissions are FIFO by ``(arrival_s, id)`` (their
+    prompts must sum to ``prefill_tokens``), and the other ``batch_size - admitted`` rows are the
+    requests already running; unfinished ones first, then finished ones that a static batch keeps
+    as padding (they are decoded for real, their tokens thrown away). A call that contradicts this
+    (an unfinished request dropped, more rows than exist) raises.
+
+    trace: dicts with ``"id"``, ``"arrival_s"``, ``"output_tokens"`` and ``"prompt_ids"`` (token
+    ids; ``"prompt_tokens"`` must equal their count). After the run, ``outputs[id]`` holds each
+    request's first ``output_tokens`` greedy tokens and ``log`` one ``(batch_size,
+    prefill_tokens, seconds)`` per iteration.
+    """
+
+    def __init__(self, engine: BatchedLlama, trace: list[dict]):
+        for r in trace:
+            if r["prompt_tokens"] != len(r["prompt_ids"]):
+                raise ValueError(f"request {r['id']}: prompt_tokens != len(prompt_ids)")
+        self.engine = engine
+        self.queue = sorted(trace, key=lambda r: (r["arrival_s"], r["id"]))
+        self.next = 0
+        self.running: list[dict] = []        # {"req", "seq", "tokens"}
+        self.outputs: dict = {}
+        self.log: list[tuple[int, int, float]] = []
+        self._since = None
+        engine.reset()
+
+    def __call__(self, batch_size: int, prefill_tokens: int = 0) -> float:
+        start = self._since if self._since is not None else time.perf_counter()
+        admitted, total = [], 0
+        while total < prefill_tokens:
+            if self.next >= len(self.queue):
+                raise RuntimeError("prefill_tokens larger than the prompts left in the queue")
+            admitted.append(self.queue[self.next])
+            total += self.queue[self.next]["prompt_tokens"]
+            self.next += 1
+        if total != prefill_tokens:
+            raise RuntimeError(f"prefill_tokens={prefill_tokens} is no FIFO prefix of the queue's prompts")
+        unfinished = [s for s in self.running if len(s["tokens"]) < s["req"]["output_tokens"]]
+        padding = [s for s in self.running if len(s["tokens"]) >= s["req"]["output_tokens"]]
+        keep = batch_size - len(admitted)
+        if not len(unfinished) <= keep <= len(self.running):
+            raise RuntimeError(f"batch_size={batch_size} with {len(admitted)} admitted: {len(unfinished)} "
+                               f"unfinished and {len(padding)} finished requests are running")
+        kept = unfinished + padding[:keep - len(unfinished)]
+        for s in padding[keep - len(unfinished):]:
+            self._finish(s)
+        free = sorted(set(range(self.engine.n_seqs)) - {s["seq"] for s in kept})
+        if len(admitted) > len(free):
+            raise RuntimeError(f"batch_size={batch_size} > the engine's n_seqs={self.engine.n_seqs}")
+        new = [{"req": r, "seq": seq, "tokens": []} for r, seq in zip(admitted, free)]
+        inputs = {s["seq"]: [s["tokens"][-1]] for s in kept}
+        inputs.update({s["seq"]: list(s["req"]["prompt_ids"]) for s in new})
+        nxt = self.engine.step(inputs)
+        self.running = kept + new
+        for s in self.running:
+            s["tokens"].append(nxt[s["seq"]])
+        self._since = time.perf_counter()
+        seconds = self._since - start
+        self.log.append((batch_size, prefill_tokens, seconds))
+        return seconds
+
+    def _finish(self, slot: dict) -> None:
+        self.outputs[slot["req"]["id"]] = slot["tokens"][:slot["req"]["output_tokens"]]
+        self.engine.release(slot["seq"])
+
+    def close(self) -> dict:
+        """Flush the last running requests; returns ``outputs`` (every request must be done)."""
+        for s in self.running:
+            self._finish(s)
+        self.running = []
+        missing = [r["id"] for r in self.queue if len(self.outputs.get(r["id"], [])) != r["output_tokens"]]
+        if missing:
+            raise RuntimeError(f"requests not completed: {missing[:10]}")
+        return self.outputs
 
 
 # -------------------------------------------------------------------------------------------------

@@ -134,3 +134,108 @@ def test_free_port_is_bindable():
     port = serving.free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+# -------------------------------------------------------------------------------------------------
+# the batched llama.cpp engine and the scheduler-driven replay
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with serving.BatchedLlama(gguf_path(), n_seqs=4, n_ctx_per_seq=96, n_threads=1) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def prompt_ids():
+    tok = load_tokenizer()
+    return [tok(chat_prompt(tok, q), add_special_tokens=False)["input_ids"]
+            for q in ("What is the capital of France?", "Name a colour.", "Say hello.")]
+
+
+def test_batched_greedy_equals_each_prompt_alone(engine, prompt_ids):
+    alone = [engine.generate(p, 6) for p in prompt_ids]
+    assert all(len(a) == 6 for a in alone)
+    engine.reset()
+    nxt = engine.step({s: p for s, p in enumerate(prompt_ids)})      # three prompts in one llama_decode
+    out = {s: [t] for s, t in nxt.items()}
+    for _ in range(5):
+        nxt = engine.step({s: [t] for s, t in nxt.items()})
+        for s, t in nxt.items():
+            out[s].append(t)
+    assert [out[s] for s in range(3)] == alone
+    assert engine.n_past[0] == len(prompt_ids[0]) + 5
+    engine.release(0)
+    assert engine.n_past[0] == 0
+    import llama_cpp
+    assert llama_cpp.llama_memory_seq_pos_max(engine.mem, 0) == -1      # its KV cells are gone
+    assert llama_cpp.llama_memory_seq_pos_max(engine.mem, 1) == len(prompt_ids[1]) + 4
+    engine.reset()
+    with pytest.raises(ValueError, match="KV cells"):
+        engine.step({0: list(range(100, 200))})
+    with pytest.raises(ValueError, match="seq_id"):
+        engine.step({4: [1]})
+    engine.reset()
+
+
+def test_measure_step_times_shape(engine):
+    m = engine.measure_step_times([1, 2], context_len=8, steps=2, repeats=2, prefill_len=8)
+    assert m["batch_sizes"] == [1, 2] and len(m["step_s"]) == 2 and len(m["step_s_all"][1]) == 2
+    assert all(s > 0 for s in m["step_s"]) and m["prefill_s_per_token"] > 0
+    serving.cost_model(m)(3, 10)                                     # the shape cost_model takes
+
+
+def test_make_trace_with_prompts_all_at_once(prompt_ids):
+    tr = serving.make_trace(5, float("inf"), output_tokens=(2, 4), seed=0, prompts=prompt_ids)
+    assert [r["arrival_s"] for r in tr] == [0.0] * 5
+    assert [r["prompt_ids"] for r in tr] == [prompt_ids[i % 3] for i in range(5)]
+    assert all(r["prompt_tokens"] == len(r["prompt_ids"]) for r in tr)
+
+
+def _trace(prompt_ids, outs):
+    return [{"id": i, "arrival_s": 0.1 * i, "prompt_ids": prompt_ids[i % len(prompt_ids)],
+             "prompt_tokens": len(prompt_ids[i % len(prompt_ids)]), "output_tokens": o}
+            for i, o in enumerate(outs)]
+
+
+def test_engine_steps_serves_a_static_schedule_with_padding(engine, prompt_ids):
+    trace = _trace(prompt_ids, [3, 1, 2])
+    steps = serving.EngineSteps(engine, trace)
+    records = serving.static_batching(trace, 2, steps)
+    outputs = steps.close()
+    assert {i: len(t) for i, t in outputs.items()} == {0: 3, 1: 1, 2: 2}
+    for r in trace:
+        assert outputs[r["id"]] == engine.generate(r["prompt_ids"], r["output_tokens"])
+    # request 0 arrives first and is alone in the first batch (static: 1 arrived at 0.1 s > 0)
+    assert [(b, p) for b, p, _ in steps.log][:1] == [(1, len(prompt_ids[0]))]
+    assert all(s > 0 for _, _, s in steps.log)
+    assert records[-1]["finish_s"] == pytest.approx(sum(s for _, _, s in steps.log), rel=1e-6, abs=0.2)
+
+
+def test_engine_steps_evicts_and_admits_like_continuous_batching(engine, prompt_ids):
+    trace = _trace(prompt_ids, [3, 1, 2])
+    p = [len(prompt_ids[i]) for i in range(3)]
+    steps = serving.EngineSteps(engine, trace)
+    steps(2, p[0] + p[1])          # 0 and 1 admitted; 1 is done after this iteration
+    steps(2, p[2])                 # 1 evicted, 2 admitted into its slot, 0 decodes
+    steps(2, 0)                    # 0 finishes, 2 finishes
+    outputs = steps.close()
+    for r in trace:
+        assert outputs[r["id"]] == engine.generate(r["prompt_ids"], r["output_tokens"])
+
+
+def test_engine_steps_refuses_calls_that_contradict_the_queue(engine, prompt_ids):
+    trace = _trace(prompt_ids, [3, 2])
+    steps = serving.EngineSteps(engine, trace)
+    with pytest.raises(RuntimeError, match="FIFO"):
+        steps(1, len(prompt_ids[0]) + 1)
+    steps = serving.EngineSteps(engine, trace)
+    steps(1, len(prompt_ids[0]))
+    with pytest.raises(RuntimeError, match="unfinished"):
+        steps(1, len(prompt_ids[1]))          # request 0 is not done: it cannot leave the batch
+    steps = serving.EngineSteps(engine, trace)
+    steps(1, len(prompt_ids[0]))
+    with pytest.raises(RuntimeError, match="not completed"):
+        steps.close()
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        serving.EngineSteps(engine, [{**trace[0], "prompt_tokens": 1}])
