@@ -36,3 +36,19 @@ def load_results(budget: str) -> dict[str, pd.DataFrame]:
         payload = json.loads(path.read_text())
         tables[payload["lesson"]] = pd.DataFrame(payload["rows"])
     return tables
+
+
+def load_payloads(budget: str) -> dict[str, dict]:
+    """Every saved result file for ``budget`` as plain data, by lesson name: ``{lesson: payload}``,
+    each payload as :func:`record_results` wrote it (``lesson``, ``budget``, ``time``, ``rows``).
+    A file that cannot be read as such is skipped (the caller reports the lesson as not run)."""
+    folder = artifact_dir(budget) / "results"
+    payloads = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(payload, dict) and isinstance(payload.get("rows"), list):
+            payloads[str(payload.get("lesson", path.stem))] = payload
+    return payloads
