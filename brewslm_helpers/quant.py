@@ -191,28 +191,42 @@ def write_gguf(src: str | Path, dst: str | Path, qtype: str = "F32") -> Path:
     import gguf
     qt = gguf.GGMLQuantizationType[qtype]
     reader = gguf.GGUFReader(str(src))
-    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
     dst = Path(dst)
     tmp = dst.with_name(dst.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        value = FTYPES[qtype] if field.name == gguf.Keys.General.FILE_TYPE else field.contents()
-        val_type = field.types[0]
-        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, value, val_type, sub_type=sub_type)
+    writer = gguf_writer_like(reader, tmp, file_type=FTYPES[qtype])
     for t in reader.tensors:
         data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
         target = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else qt
         stored = gguf.quants.quantize(data, target)
         writer.add_tensor(t.name, stored, raw_dtype=target)  # quantized bytes: shape inferred
+    finish_gguf(writer, tmp, dst)
+    return dst
+
+
+def gguf_writer_like(reader, tmp: str | Path, file_type: int | None = None):
+    """A ``gguf.GGUFWriter`` to ``tmp`` holding every metadata field of ``reader`` (architecture,
+    hyperparameters, tokenizer, chat template), ``general.file_type`` replaced by ``file_type`` when
+    given. Add the tensors, then call :func:`finish_gguf`."""
+    import gguf
+    writer = gguf.GGUFWriter(str(tmp), arch=reader.get_field(gguf.Keys.General.ARCHITECTURE).contents(),
+                             endianess=reader.endianess)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        value = file_type if field.name == gguf.Keys.General.FILE_TYPE and file_type is not None else field.contents()
+        val_type = field.types[0]
+        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, val_type, sub_type=sub_type)
+    return writer
+
+
+def finish_gguf(writer, tmp: str | Path, dst: str | Path) -> None:
+    """Write ``writer``'s header, metadata and tensors to ``tmp`` and move it onto ``dst`` (atomic)."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     os.replace(tmp, dst)
-    return dst
 
 
 def llama_quantize(src: str | Path, dst: str | Path, ftype: str, nthread: int | None = None) -> Path:

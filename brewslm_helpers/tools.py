@@ -16,7 +16,6 @@ are not here.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -292,13 +291,6 @@ def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-@functools.lru_cache(maxsize=2)
-def _gguf_reader(path: str):
-    """The template's ``GGUFReader`` (parsing its 49k-token vocabulary takes seconds: read it once)."""
-    import gguf
-    return gguf.GGUFReader(path)
-
-
 def write_merged_gguf(state_dict: dict, config, dst: str | Path, template: str | Path | None = None,
                       qtype: str = "Q8_0", progress: bool = True) -> dict[str, int]:
     """Write a GGUF file llama.cpp can run from a Llama ``state_dict`` (HF names, e.g. a LoRA model
@@ -314,7 +306,8 @@ def write_merged_gguf(state_dict: dict, config, dst: str | Path, template: str |
     import gguf
 
     from .models import gguf_path
-    reader = _gguf_reader(str(Path(template or gguf_path()).resolve()))
+    from .quant import finish_gguf, gguf_reader, gguf_writer_like
+    reader = gguf_reader(Path(template or gguf_path()).resolve())
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     hf_of = {}
     for hf_name in state_dict:
@@ -323,14 +316,7 @@ def write_merged_gguf(state_dict: dict, config, dst: str | Path, template: str |
             hf_of[name] = hf_name  # get_name keeps the suffix: "blk.0.attn_q.weight"
     dst = Path(dst)
     tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
-    writer = gguf.GGUFWriter(str(tmp), arch=reader.get_field(gguf.Keys.General.ARCHITECTURE).contents(),
-                             endianess=reader.endianess)
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        val_type = field.types[0]
-        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
+    writer = gguf_writer_like(reader, tmp)
     target = gguf.GGMLQuantizationType[qtype]
     counts = {"copied": 0, "rewritten": 0}
     for t in tqdm(reader.tensors, desc="GGUF tensors", disable=not progress):
@@ -347,9 +333,5 @@ def write_merged_gguf(state_dict: dict, config, dst: str | Path, template: str |
             kind = gguf.GGMLQuantizationType.F32 if weight.ndim == 1 else target
             writer.add_tensor(t.name, gguf.quants.quantize(weight, kind), raw_dtype=kind)
             counts["rewritten"] += 1
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, dst)
+    finish_gguf(writer, tmp, dst)
     return counts
